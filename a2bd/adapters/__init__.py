@@ -1,0 +1,1 @@
+"""Drivers for the outside world: PostgreSQL, Redis (and later PDF, SMTP). No business rules here."""

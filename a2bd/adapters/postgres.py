@@ -1,0 +1,290 @@
+"""PostgreSQL: connections, migrations, and the repositories of tariffs, providers and accounts.
+
+The schema lives in sql/ as ordered plain-SQL files; `migrate` applies the missing ones, each in its own
+transaction, under an advisory lock so two daemons starting together do not race.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from a2bd.domain.rating import SellRate
+from a2bd.domain.tariff import BuyRate, RateEntry
+from a2bd.errors import InputError, StoreUnavailable
+
+_MIGRATION_LOCK = 0x61326264  # "a2bd": one migrator at a time
+
+
+def sql_dir() -> Path:
+    """sql/ of a checkout, or the copy a wheel carries inside the package."""
+    packaged = Path(__file__).resolve().parent.parent / "sql"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent.parent / "sql"
+
+
+async def connect(url: str, timeout_s: float = 5.0) -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(url, timeout=timeout_s)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise StoreUnavailable(f"PostgreSQL at {_where(url)} is unreachable: {exc}") from exc
+
+
+async def create_pool(url: str, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    try:
+        return await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, timeout=5.0)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise StoreUnavailable(f"PostgreSQL at {_where(url)} is unreachable: {exc}") from exc
+
+
+def _where(url: str) -> str:
+    return url.rsplit("@", 1)[-1]
+
+
+# -- migrations ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str
+    path: Path
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def migrations(directory: Path | None = None) -> list[Migration]:
+    folder = directory or sql_dir()
+    return [Migration(p.stem, p) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))]
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
+    """Apply the migrations not yet recorded; return the versions applied now (idempotent)."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        done = {r["version"]: r["checksum"] for r in await conn.fetch("SELECT * FROM schema_migrations")}
+        for mig in migrations(directory):
+            if mig.version in done:
+                if done[mig.version] != mig.checksum:
+                    raise InputError(
+                        f"migration {mig.version} was changed after it was applied; "
+                        "add a new migration instead of editing an old one"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(mig.path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    mig.version, mig.checksum,
+                )
+            applied.append(mig.version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+# -- tariffs ------------------------------------------------------------------------------------------
+
+_RATE_COLUMNS = (
+    "tariff_id", "prefix", "destination", "rate_per_min_micro", "connect_micro", "disconnect_micro",
+    "initial_block_s", "increment_s", "grace_s", "min_cost_micro", "provider_id",
+    "buy_rate_per_min_micro", "buy_initial_block_s", "buy_increment_s", "week_start_min", "week_end_min",
+    "start_date", "stop_date",
+)
+
+
+async def replace_tariff(
+    conn: asyncpg.Connection, name: str, entries: Sequence[RateEntry], currency: str = "EUR"
+) -> int:
+    """Make `entries` the whole rate card of tariff `name` (created if new), in one transaction.
+
+    Every provider named by an entry must exist; otherwise nothing is written.
+    """
+    async with conn.transaction():
+        providers = {r["name"]: r["id"] for r in await conn.fetch("SELECT id, name FROM providers")}
+        unknown = sorted({e.provider for e in entries if e.provider and e.provider not in providers})
+        if unknown:
+            raise InputError(
+                f"unknown provider(s) {', '.join(unknown)}: add them first with `a2bd provider add`"
+            )
+        tariff_id = await conn.fetchval(
+            "INSERT INTO tariffs (name, currency) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET updated_at = now() RETURNING id",
+            name, currency,
+        )
+        await conn.execute("DELETE FROM rates WHERE tariff_id = $1", tariff_id)
+        records = [
+            (
+                tariff_id, e.prefix, e.destination, e.sell.rate_per_min_micro, e.sell.connect_micro,
+                e.sell.disconnect_micro, e.sell.initial_block_s, e.sell.increment_s, e.sell.grace_s,
+                e.sell.min_cost_micro, providers[e.provider] if e.provider else None,
+                e.buy.rate_per_min_micro, e.buy.initial_block_s, e.buy.increment_s,
+                e.week_start_min, e.week_end_min, e.start_date, e.stop_date,
+            )
+            for e in entries
+        ]
+        await conn.copy_records_to_table("rates", records=records, columns=_RATE_COLUMNS)
+        # COPY fires the statement trigger that bumps the version; an empty card still counts as a change.
+        if not records:
+            await conn.execute("UPDATE tariffs SET version = version + 1 WHERE id = $1", tariff_id)
+            await conn.execute("SELECT pg_notify('a2bd_tariffs', '')")
+    return len(records)
+
+
+async def tariff_versions(conn: asyncpg.Connection) -> dict[str, int]:
+    return {r["name"]: r["version"] for r in await conn.fetch("SELECT name, version FROM tariffs")}
+
+
+async def load_tariff_entries(conn: asyncpg.Connection, name: str) -> list[RateEntry]:
+    """Every rate of one tariff as domain objects; identical sell/buy rates share one object."""
+    rows = await conn.fetch(
+        "SELECT r.prefix, r.destination, r.rate_per_min_micro, r.connect_micro, r.disconnect_micro,"
+        " r.initial_block_s, r.increment_s, r.grace_s, r.min_cost_micro, p.name AS provider,"
+        " r.buy_rate_per_min_micro, r.buy_initial_block_s, r.buy_increment_s,"
+        " r.week_start_min, r.week_end_min, r.start_date, r.stop_date"
+        " FROM rates r JOIN tariffs t ON t.id = r.tariff_id LEFT JOIN providers p ON p.id = r.provider_id"
+        " WHERE t.name = $1 ORDER BY r.prefix, r.id",
+        name,
+    )
+    sells: dict[tuple[int, ...], SellRate] = {}
+    buys: dict[tuple[int, ...], BuyRate] = {}
+    destinations: dict[str, str] = {}
+    entries: list[RateEntry] = []
+    for r in rows:
+        skey = (r[2], r[3], r[4], r[5], r[6], r[7], r[8])
+        sell = sells.get(skey)
+        if sell is None:
+            sell = sells[skey] = SellRate(*skey)
+        bkey = (r[10], r[11], r[12])
+        buy = buys.get(bkey)
+        if buy is None:
+            buy = buys[bkey] = BuyRate(*bkey)
+        dest = destinations.setdefault(r[1], r[1])
+        entries.append(RateEntry(r[0], dest, sell, r[9], buy, r[13], r[14], r[15], r[16]))
+    return entries
+
+
+# -- providers ----------------------------------------------------------------------------------------
+
+
+async def add_provider(
+    conn: asyncpg.Connection, name: str, dial_template: str, *, balance_limit_micro: int = 0,
+    daily_limit_s: int = 0, currency: str = "EUR",
+) -> int:
+    if "{number}" not in dial_template:
+        raise InputError(f"dial template {dial_template!r} must contain {{number}}, e.g. PJSIP/{{number}}@carrier")
+    try:
+        provider_id: int = await conn.fetchval(
+            "INSERT INTO providers (name, dial_template, balance_limit_micro, daily_limit_s, currency)"
+            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            name, dial_template, balance_limit_micro, daily_limit_s, currency,
+        )
+    except asyncpg.UniqueViolationError:
+        raise InputError(f"provider {name!r} already exists") from None
+    except asyncpg.CheckViolationError as exc:
+        raise InputError(f"provider {name!r} refused: {exc.message}") from None
+    return provider_id
+
+
+async def list_providers(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM providers ORDER BY name"))
+
+
+# -- accounts -----------------------------------------------------------------------------------------
+
+ACCOUNT_FIELDS = (
+    "number", "status", "tariff_id", "credit_limit_micro", "currency", "timezone", "invoice_day",
+    "vat_rate_ppm", "max_calls", "expires_at", "restrict_mode", "restrict_prefixes", "pin",
+    "low_credit_threshold_micro", "name", "company", "address", "email", "language", "vat_number",
+)
+
+
+async def create_account(
+    conn: asyncpg.Connection, *, tariff: str, initial_balance_micro: int, callerids: Iterable[str] = (),
+    **fields: Any,
+) -> asyncpg.Record:
+    """Insert an account and its opening ledger line (the initial balance is a line like any other)."""
+    unknown = set(fields) - set(ACCOUNT_FIELDS)
+    if unknown:
+        raise InputError(f"unknown account field(s): {', '.join(sorted(unknown))}")
+    async with conn.transaction():
+        tariff_id = await conn.fetchval("SELECT id FROM tariffs WHERE name = $1", tariff)
+        if tariff_id is None:
+            raise InputError(f"tariff {tariff!r} does not exist: import it with `a2bd tariff import`")
+        values = {**fields, "tariff_id": tariff_id}
+        names = list(values)
+        try:
+            account_id = await conn.fetchval(
+                f"INSERT INTO accounts ({', '.join(names)}) VALUES"  # noqa: S608 - names are ACCOUNT_FIELDS
+                f" ({', '.join(f'${i + 1}' for i in range(len(names)))}) RETURNING id",
+                *values.values(),
+            )
+            for callerid in callerids:
+                await conn.execute(
+                    "INSERT INTO account_callerids (callerid, account_id) VALUES ($1, $2)", callerid, account_id
+                )
+        except asyncpg.UniqueViolationError as exc:
+            raise InputError(f"account refused: {exc.detail or exc.message}") from None
+        except asyncpg.CheckViolationError as exc:
+            raise InputError(f"account refused: {exc.constraint_name} ({exc.detail or exc.message})") from None
+        if initial_balance_micro:
+            await post(conn, account_id=account_id, kind="initial", amount_micro=initial_balance_micro,
+                       description="initial balance")
+        record = await fetch_account(conn, fields.get("number") or "", account_id=account_id)
+        assert record is not None
+        return record
+
+
+_ACCOUNT_SELECT = (
+    "SELECT a.*, t.name AS tariff,"
+    " coalesce(array(SELECT callerid FROM account_callerids c WHERE c.account_id = a.id ORDER BY callerid),"
+    " '{}') AS callerids FROM accounts a JOIN tariffs t ON t.id = a.tariff_id"
+)
+
+
+async def fetch_account(
+    conn: asyncpg.Connection, number: str, *, account_id: int | None = None
+) -> asyncpg.Record | None:
+    if account_id is not None:
+        row: asyncpg.Record | None = await conn.fetchrow(_ACCOUNT_SELECT + " WHERE a.id = $1", account_id)
+    else:
+        row = await conn.fetchrow(_ACCOUNT_SELECT + " WHERE a.number = $1", number)
+    return row
+
+
+async def all_accounts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(_ACCOUNT_SELECT + " ORDER BY a.id"))
+
+
+async def number_taken(conn: asyncpg.Connection, number: str) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts WHERE number = $1)", number))
+
+
+# -- the ledger ---------------------------------------------------------------------------------------
+
+
+async def post(
+    conn: asyncpg.Connection, *, kind: str, amount_micro: int, account_id: int | None = None,
+    provider_id: int | None = None, call_id: str | None = None, description: str = "",
+    at: datetime | None = None,
+) -> asyncpg.Record:
+    """Append one ledger line; the database moves the balance and returns the line with balance_after."""
+    row: asyncpg.Record = await conn.fetchrow(
+        "INSERT INTO ledger (account_id, provider_id, kind, amount_micro, call_id, description, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now())) RETURNING *",
+        account_id, provider_id, kind, amount_micro, call_id, description, at,
+    )
+    return row

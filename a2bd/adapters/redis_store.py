@@ -1,0 +1,248 @@
+"""Redis: the hot state authorization reads and reserves against.
+
+Keys (every key of one account carries the hash tag {acct:N}, so its scripts stay in one slot of a
+Redis Cluster):
+
+    a2b:{acct:N}           hash   number, status, tariff, balance, credit_limit, max_calls, expires_at,
+                                  restrict_mode, restrict_prefixes (comma-separated), timezone, currency
+    a2b:{acct:N}:calls     hash   live calls: call id -> "hold_micro:expires_ms"
+    a2b:cid:<callerid>     string account number owning this caller ID
+    a2b:pin:<pin>          string account number owning this PIN
+    a2b:prov:<name>        hash   name, dial, enabled, balance, balance_limit, daily_limit_s, today_s
+    a2b:providers          set    provider names
+
+Money is integer micro-units in decimal text. Every call is bounded by the client's socket timeout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from a2bd.domain.authorize import (
+    AccountStatus,
+    AccountView,
+    ProviderState,
+    Reservation,
+    ReserveOutcome,
+    RestrictMode,
+)
+from a2bd.errors import StoreUnavailable
+
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+
+
+def account_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}"
+
+
+def calls_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}:calls"
+
+
+def callerid_key(callerid: str) -> str:
+    return f"a2b:cid:{callerid}"
+
+
+def pin_key(pin: str) -> str:
+    return f"a2b:pin:{pin}"
+
+
+def provider_key(name: str) -> str:
+    return f"a2b:prov:{name}"
+
+
+PROVIDERS_KEY = "a2b:providers"
+
+
+class Script:
+    """A Lua file of adapters/lua, loaded once and called by SHA (reloaded if Redis forgot it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files("a2bd.adapters").joinpath("lua", f"{name}.lua").read_text()
+        self.sha: str | None = None
+
+    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
+        if self.sha is None:
+            self.sha = await client.script_load(self.source)
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load again, once
+            self.sha = await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class RedisStore:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._reserve = Script("reserve")
+
+    @classmethod
+    def from_url(cls, url: str, timeout_s: float, max_connections: int = 64) -> RedisStore:
+        # A blocking pool: past `max_connections` a command waits (up to the timeout) for a free
+        # connection instead of failing, so a burst of calls queues for microseconds, not errors.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, decode_responses=True, health_check_interval=30,
+        )
+        return cls(aioredis.Redis.from_pool(pool))  # the client owns the pool and closes it
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def ping(self) -> None:
+        """Check Redis answers and load the scripts, so the first call pays no SCRIPT LOAD."""
+        await self._guard(self.client.ping())
+        self._reserve.sha = await self._guard(self.client.script_load(self._reserve.source))
+
+    async def _guard(self, awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+
+    # -- authorization path ---------------------------------------------------------------------
+
+    async def account(self, number: str) -> AccountView | None:
+        data: dict[str, str] = await self._guard(self.client.hgetall(account_key(number)))
+        return account_from_hash(data) if data else None
+
+    async def number_for_callerid(self, callerid: str) -> str | None:
+        number: str | None = await self._guard(self.client.get(callerid_key(callerid)))
+        return number
+
+    async def number_for_pin(self, pin: str) -> str | None:
+        number: str | None = await self._guard(self.client.get(pin_key(pin)))
+        return number
+
+    async def reserve(
+        self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int
+    ) -> Reservation:
+        reply = await self._guard(
+            self._reserve(self.client, [account_key(number), calls_key(number)],
+                          [call_id, hold_micro, now_ms, expires_ms])
+        )
+        outcome, credit, live = reply
+        return Reservation(ReserveOutcome(outcome), int(credit), int(live))
+
+    async def providers(self) -> dict[str, ProviderState]:
+        names: set[str] = await self._guard(self.client.smembers(PROVIDERS_KEY))
+        if not names:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        ordered = sorted(names)
+        for name in ordered:
+            pipe.hgetall(provider_key(name))
+        rows = await self._guard(pipe.execute())
+        return {name: provider_from_hash(row) for name, row in zip(ordered, rows, strict=True) if row}
+
+    async def release(self, number: str, call_id: str) -> None:
+        """Drop a reservation whose call can never be placed (the caller hung up during the AGI)."""
+        await self._guard(self.client.hdel(calls_key(number), call_id))
+
+    async def live_calls(self, number: str) -> dict[str, str]:
+        calls: dict[str, str] = await self._guard(self.client.hgetall(calls_key(number)))
+        return calls
+
+    # -- loading from PostgreSQL ----------------------------------------------------------------
+
+    async def put_accounts(self, accounts: Iterable[Mapping[str, Any]]) -> int:
+        """Write account hashes and their caller-ID/PIN indexes. Live calls are left as they are."""
+        pipe = self.client.pipeline(transaction=False)
+        count = 0
+        for acct in accounts:
+            number = acct["number"]
+            pipe.hset(account_key(number), mapping=account_to_hash(acct))
+            for callerid in acct.get("callerids") or ():
+                pipe.set(callerid_key(callerid), number)
+            if acct.get("pin"):
+                pipe.set(pin_key(acct["pin"]), number)
+            count += 1
+            if count % 1000 == 0:
+                await self._guard(pipe.execute())
+        await self._guard(pipe.execute())
+        return count
+
+    async def put_providers(self, providers: Iterable[Mapping[str, Any]]) -> int:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(PROVIDERS_KEY)
+        count = 0
+        for prov in providers:
+            name = prov["name"]
+            pipe.hset(provider_key(name), mapping={
+                "name": name,
+                "dial": prov["dial_template"],
+                "enabled": "1" if prov["enabled"] else "0",
+                "balance": str(prov["balance_micro"]),
+                "balance_limit": str(prov["balance_limit_micro"]),
+                "daily_limit_s": str(prov["daily_limit_s"]),
+            })
+            pipe.hsetnx(provider_key(name), "today_s", "0")
+            pipe.sadd(PROVIDERS_KEY, name)
+            count += 1
+        await self._guard(pipe.execute())
+        return count
+
+
+def account_to_hash(acct: Mapping[str, Any]) -> dict[str, str]:
+    expires = acct.get("expires_at")
+    return {
+        "number": acct["number"],
+        "status": acct["status"],
+        "tariff": acct["tariff"],
+        "balance": str(acct["balance_micro"]),
+        "credit_limit": str(acct["credit_limit_micro"]),
+        "max_calls": str(acct["max_calls"]),
+        "expires_at": str(int(expires.timestamp())) if expires else "0",
+        "restrict_mode": acct["restrict_mode"],
+        "restrict_prefixes": ",".join(acct.get("restrict_prefixes") or ()),
+        "timezone": acct["timezone"],
+        "currency": acct["currency"],
+    }
+
+
+def account_from_hash(data: Mapping[str, str]) -> AccountView:
+    prefixes = data.get("restrict_prefixes", "")
+    return AccountView(
+        number=data["number"],
+        status=AccountStatus(data["status"]),
+        tariff=data["tariff"],
+        balance_micro=int(data["balance"]),
+        credit_limit_micro=int(data["credit_limit"]),
+        max_calls=int(data.get("max_calls", "0")),
+        expires_at_s=int(data.get("expires_at", "0")),
+        restrict_mode=RestrictMode(data.get("restrict_mode", "none")),
+        restrict_prefixes=tuple(prefixes.split(",")) if prefixes else (),
+        timezone=data.get("timezone", "UTC"),
+    )
+
+
+def provider_from_hash(data: Mapping[str, str]) -> ProviderState:
+    return ProviderState(
+        name=data["name"],
+        dial_template=data["dial"],
+        enabled=data.get("enabled", "1") == "1",
+        balance_micro=int(data.get("balance", "0")),
+        balance_limit_micro=int(data.get("balance_limit", "0")),
+        minutes_today_s=int(data.get("today_s", "0")),
+        daily_limit_s=int(data.get("daily_limit_s", "0")),
+    )
+
+
+def held_micro(calls: Mapping[str, str], now_ms: int) -> int:
+    """Sum of the holds of live (unexpired) reservations, read as reserve.lua reads them."""
+    total = 0
+    for value in calls.values():
+        hold, _, expires = value.partition(":")
+        if int(expires) > now_ms:
+            total += int(hold)
+    return total

@@ -1,0 +1,1 @@
+"""HTTP endpoints: /metrics for Prometheus (the admin API comes with invoicing)."""

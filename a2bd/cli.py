@@ -1,0 +1,374 @@
+"""The `a2bd` command: serve, db migrate, tariff import, account add/show, provider add, sync, explain.
+
+Errors a2bd raises on purpose print as one line on stderr and exit 1; argparse usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from a2bd.adapters import postgres
+from a2bd.adapters.redis_store import RedisStore, held_micro
+from a2bd.config import Settings, load_settings
+from a2bd.domain.money import format_amount, parse_amount, to_decimal
+from a2bd.domain.ratecard import parse_ratecard
+from a2bd.errors import A2bdError, InputError
+from a2bd.observability import configure_logging
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+        configure_logging(settings.log.level, settings.log.json)
+        command: Command = args.command
+        return asyncio.run(command(args, settings))
+    except A2bdError as exc:
+        print(f"a2bd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="a2bd", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="settings file (default /etc/a2bd/a2bd.toml when present); A2BD_* override it")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon")
+    p.set_defaults(command=cmd_serve)
+
+    db = sub.add_parser("db", help="database schema").add_subparsers(required=True, metavar="ACTION")
+    p = db.add_parser("migrate", help="apply the missing migrations of sql/ (idempotent)")
+    p.set_defaults(command=cmd_migrate)
+
+    tariff = sub.add_parser("tariff", help="tariffs").add_subparsers(required=True, metavar="ACTION")
+    p = tariff.add_parser("import", help="replace a tariff's rates with an A2Billing-style rate card CSV")
+    p.add_argument("file", type=Path)
+    p.add_argument("--tariff", required=True, help="tariff name (created if new)")
+    p.add_argument("--currency", default="EUR")
+    p.set_defaults(command=cmd_tariff_import)
+
+    account = sub.add_parser("account", help="accounts").add_subparsers(required=True, metavar="ACTION")
+    p = account.add_parser("add", help="create an account (its initial balance is a ledger line)")
+    p.add_argument("--number", help="account number, 4-20 digits (default: a random 10-digit one)")
+    p.add_argument("--tariff", required=True)
+    p.add_argument("--balance", default="0", help="initial balance, e.g. 10.00")
+    p.add_argument("--credit-limit", default="0", help="post-paid credit limit (0 = pre-paid)")
+    p.add_argument("--max-calls", type=int, default=0, help="concurrent calls (0 = unlimited)")
+    p.add_argument("--status", choices=("active", "blocked", "closed"), default="active")
+    p.add_argument("--callerid", action="append", default=[], help="caller ID identifying it (repeatable)")
+    p.add_argument("--pin", help="PIN for calling-card access (4-32 digits)")
+    p.add_argument("--expires", help="expiry, ISO date or date-time (UTC unless it says otherwise)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--deny", help="comma-separated prefixes it may not call")
+    group.add_argument("--allow", help="comma-separated prefixes, the only ones it may call")
+    p.add_argument("--currency", default="EUR")
+    p.add_argument("--timezone", default="UTC")
+    p.add_argument("--invoice-day", type=int, default=1)
+    p.add_argument("--vat", default="0", help="VAT rate in percent, e.g. 20 or 7.7")
+    p.add_argument("--low-credit", default="0", help="low-credit notice threshold")
+    for name in ("name", "company", "address", "email", "language", "vat-number"):
+        p.add_argument(f"--{name}", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=cmd_account_add)
+    p = account.add_parser("show", help="an account, its balance, available credit and live calls")
+    p.add_argument("number")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=cmd_account_show)
+
+    provider = sub.add_parser("provider", help="carriers").add_subparsers(required=True, metavar="ACTION")
+    p = provider.add_parser("add", help="add a carrier with a dial-string template")
+    p.add_argument("name")
+    p.add_argument("--dial", required=True, help="dial string template, e.g. 'PJSIP/{number}@carrier-a'")
+    p.add_argument("--balance-limit", default="0", help="stop routing when we owe it this much (0 = none)")
+    p.add_argument("--daily-minutes", type=int, default=0, help="stop routing past this many minutes a day")
+    p.add_argument("--currency", default="EUR")
+    p.set_defaults(command=cmd_provider_add)
+
+    p = sub.add_parser("sync", help="load Redis from PostgreSQL (accounts, caller IDs, PINs, providers)")
+    p.set_defaults(command=cmd_sync)
+
+    p = sub.add_parser("explain", help="what authorize would answer now, and why (places no call)")
+    p.add_argument("number")
+    p.add_argument("destination")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=cmd_explain)
+    return parser
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.daemon import Daemon  # the daemon pulls in the AGI server; other commands do not need it
+
+    await Daemon(settings).run()
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        applied = await postgres.migrate(conn)
+    finally:
+        await conn.close()
+    print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+async def cmd_tariff_import(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with args.file.open(encoding="utf-8-sig", newline="") as fh:
+            entries, errors = parse_ratecard(fh)
+    except OSError as exc:
+        raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{args.file} is not UTF-8 text (byte {exc.start})") from exc
+    if errors:
+        for err in errors[:50]:
+            print(f"{args.file}:{err.line}: {err.column}: {err.message}", file=sys.stderr)
+        more = f" (first 50 shown)" if len(errors) > 50 else ""
+        raise InputError(f"{len(errors)} bad row(s) in {args.file}{more}; nothing was imported")
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        count = await postgres.replace_tariff(conn, args.tariff, entries, args.currency.upper())
+    finally:
+        await conn.close()
+    print(f"tariff {args.tariff}: {count} rates imported from {args.file}")
+    return 0
+
+
+async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
+    fields: dict[str, Any] = {
+        "status": args.status,
+        "credit_limit_micro": parse_amount(args.credit_limit, field="--credit-limit"),
+        "max_calls": args.max_calls,
+        "currency": args.currency.upper(),
+        "timezone": _timezone(args.timezone),
+        "invoice_day": args.invoice_day,
+        "vat_rate_ppm": parse_amount(args.vat, field="--vat") // 100,  # percent -> parts per million
+        "low_credit_threshold_micro": parse_amount(args.low_credit, field="--low-credit"),
+    }
+    if args.pin:
+        fields["pin"] = args.pin
+    if args.expires:
+        fields["expires_at"] = _datetime(args.expires)
+    if args.deny or args.allow:
+        fields["restrict_mode"] = "deny" if args.deny else "allow"
+        fields["restrict_prefixes"] = _prefixes(args.deny or args.allow)
+    for name in ("name", "company", "address", "email", "language", "vat_number"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    balance = parse_amount(args.balance, field="--balance")
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        number = args.number or await _free_number(conn)
+        record = await postgres.create_account(
+            conn, number=number, tariff=args.tariff, initial_balance_micro=balance,
+            callerids=args.callerid, **fields,
+        )
+    finally:
+        await conn.close()
+    await _push_accounts(settings, [dict(record)])
+    if args.json:
+        print(json.dumps(_account_json(record, {}), indent=2))
+    else:
+        print(record["number"])
+    return 0
+
+
+async def cmd_account_show(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        record = await postgres.fetch_account(conn, args.number)
+    finally:
+        await conn.close()
+    if record is None:
+        raise InputError(f"account {args.number} does not exist")
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        calls = await store.live_calls(args.number)
+    finally:
+        await store.close()
+    data = _account_json(record, calls)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        print(f"{key.replace('_', ' '):<{width}}  {shown if shown not in (None, '') else '-'}")
+    return 0
+
+
+async def cmd_provider_add(args: argparse.Namespace, settings: Settings) -> int:
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        await postgres.add_provider(
+            conn, args.name, args.dial,
+            balance_limit_micro=parse_amount(args.balance_limit, field="--balance-limit"),
+            daily_limit_s=args.daily_minutes * 60, currency=args.currency.upper(),
+        )
+        providers = await postgres.list_providers(conn)
+    finally:
+        await conn.close()
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        await store.put_providers([dict(p) for p in providers])
+    finally:
+        await store.close()
+    print(f"provider {args.name}: {args.dial}")
+    return 0
+
+
+async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.sync import sync_redis
+
+    conn = await postgres.connect(settings.postgres.url)
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        report = await sync_redis(conn, store)
+    finally:
+        await conn.close()
+        await store.close()
+    print(f"synced {report.accounts} accounts and {report.providers} providers into Redis"
+          f" ({report.stale_keys_removed} stale index keys removed)")
+    return 0
+
+
+async def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.authorization import Authorizer
+    from a2bd.services.catalog import ProviderCatalog, TariffCatalog
+
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        tariffs = TariffCatalog(settings.postgres.url)
+        await tariffs.refresh(conn)
+        providers = ProviderCatalog(store)
+        await providers.refresh()
+        decision = await Authorizer(store, tariffs, providers, settings).explain(args.number, args.destination)
+    finally:
+        await conn.close()
+        await store.close()
+    plan = decision.plan
+    out: dict[str, Any] = {
+        "status": decision.status.value,
+        "hangup_cause": decision.hangup_cause,
+        "reason": decision.reason,
+        "account": decision.account or args.number,
+        "destination": args.destination,
+    }
+    if plan is not None:
+        sell = plan.sell
+        out |= {
+            "prefix": plan.match.prefix,
+            "rate_destination": plan.match.destination,
+            "rate_per_min": str(to_decimal(sell.rate_per_min_micro)),
+            "connect_charge": str(to_decimal(sell.connect_micro)),
+            "initial_block_s": sell.initial_block_s,
+            "increment_s": sell.increment_s,
+            "first_block_cost": str(to_decimal(plan.hold_micro)),
+            "credit_for_this_call": str(to_decimal(decision.available_micro or 0)),
+        }
+    out["limit_ms"] = decision.limit_ms
+    out["routes"] = [r.dial for r in decision.routes]
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        width = max(len(k) for k in out)
+        for key, value in out.items():
+            shown = ", ".join(value) if isinstance(value, list) else value
+            print(f"{key.replace('_', ' '):<{width}}  {shown}")
+    return 0 if decision.ok else 3
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+async def _push_accounts(settings: Settings, accounts: list[dict[str, Any]]) -> None:
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        await store.put_accounts(accounts)
+    except A2bdError as exc:
+        raise InputError(f"saved in PostgreSQL but Redis was not updated ({exc}); run `a2bd sync`") from exc
+    finally:
+        await store.close()
+
+
+async def _free_number(conn: Any) -> str:
+    for _ in range(20):
+        number = str(secrets.randbelow(9 * 10**9) + 10**9)  # 10 digits, never a leading zero
+        if not await postgres.number_taken(conn, number):
+            return number
+    raise InputError("could not find a free account number; give one with --number")
+
+
+def _account_json(record: Any, calls: dict[str, str]) -> dict[str, Any]:
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    available = record["balance_micro"] + record["credit_limit_micro"]
+    return {
+        "number": record["number"],
+        "status": record["status"],
+        "tariff": record["tariff"],
+        "currency": record["currency"],
+        "balance": format_amount(record["balance_micro"]),
+        "credit_limit": format_amount(record["credit_limit_micro"]),
+        "available_credit": format_amount(available),
+        "held_by_live_calls": format_amount(held_micro(calls, now_ms)),
+        "live_calls": len(calls),
+        "max_calls": record["max_calls"],
+        "expires_at": record["expires_at"].isoformat() if record["expires_at"] else None,
+        "restrict_mode": record["restrict_mode"],
+        "restrict_prefixes": list(record["restrict_prefixes"]),
+        "callerids": list(record["callerids"]),
+        "pin_set": record["pin"] is not None,
+        "timezone": record["timezone"],
+        "invoice_day": record["invoice_day"],
+        "vat_rate": format_amount(record["vat_rate_ppm"] * 100, places=0) + "%",
+        "name": record["name"],
+        "company": record["company"],
+        "email": record["email"],
+    }
+
+
+def _timezone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InputError(f"--timezone: {name!r} is not an IANA time zone (e.g. Europe/Paris)") from None
+    return name
+
+
+def _datetime(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"--expires: {text!r} is not an ISO date or date-time") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _prefixes(text: str) -> list[str]:
+    prefixes = [p.strip().lstrip("+") for p in text.split(",") if p.strip()]
+    bad = [p for p in prefixes if not p.isdigit()]
+    if bad or not prefixes:
+        raise InputError(f"prefix list {text!r}: prefixes are digits, comma-separated")
+    return prefixes
+
+
+if __name__ == "__main__":
+    sys.exit(main())

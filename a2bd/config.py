@@ -1,0 +1,227 @@
+"""Settings: one frozen tree, from a TOML file with A2BD_ environment overrides, validated up front.
+
+Every key has a default except where a real deployment must decide. Environment variables override the
+file: `A2BD_<SECTION>_<KEY>` (for example `A2BD_AGI_PORT=4574`), plus the short forms `A2BD_PG_URL` and
+`A2BD_REDIS_URL`. A bad value raises ConfigError naming the key; the CLI prints it on one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from a2bd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/a2bd/a2bd.toml")
+
+
+@dataclass(frozen=True, slots=True)
+class AgiSettings:
+    host: str = "127.0.0.1"
+    port: int = 4573
+    max_connections: int = 2000  # over this, a new connection is closed at once (Asterisk then denies)
+    env_timeout_s: float = 2.0  # the whole agi_* block must arrive within this
+    command_timeout_s: float = 2.0  # each reply from Asterisk must arrive within this
+    max_env_bytes: int = 16384  # a real block is ~600 bytes; anything near this is garbage
+    pin_prompt: str = "a2b/enter-pin"  # sound file played by GET DATA when the caller is asked a PIN
+    pin_timeout_ms: int = 6000
+    pin_max_digits: int = 10
+    pin_attempts: int = 3
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "agi.port", "must be 0..65535")
+        _check(self.max_connections >= 1, "agi.max_connections", "must be >= 1")
+        _check(self.env_timeout_s > 0, "agi.env_timeout_s", "must be > 0")
+        _check(self.command_timeout_s > 0, "agi.command_timeout_s", "must be > 0")
+        _check(256 <= self.max_env_bytes <= 1 << 20, "agi.max_env_bytes", "must be 256..1048576")
+        _check(1 <= self.pin_max_digits <= 32, "agi.pin_max_digits", "must be 1..32")
+        _check(0 <= self.pin_attempts <= 10, "agi.pin_attempts", "must be 0..10")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_s: float = 0.5  # a command that takes longer fails the call closed (A2B_STATUS=ERROR)
+    max_connections: int = 64  # beyond this a command waits for a free connection (up to timeout_s)
+
+    def validate(self) -> None:
+        _check(1 <= self.max_connections <= 10000, "redis.max_connections", "must be 1..10000")
+        _check(urlsplit(self.url).scheme in {"redis", "rediss", "unix"}, "redis.url",
+               f"must be redis://, rediss:// or unix:// (got {_redact(self.url)!r})")
+        _check(self.timeout_s > 0, "redis.timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    url: str = field(default="postgresql://postgres@127.0.0.1:5432/a2bd", repr=False)
+    min_pool: int = 1
+    max_pool: int = 10
+
+    def validate(self) -> None:
+        _check(urlsplit(self.url).scheme in {"postgres", "postgresql"}, "postgres.url",
+               f"must be postgresql:// (got {_redact(self.url)!r})")
+        _check(1 <= self.min_pool <= self.max_pool, "postgres.min_pool", "must be 1..max_pool")
+
+
+@dataclass(frozen=True, slots=True)
+class BillingSettings:
+    # Credit granted to a post-paid account (credit_limit > 0) when Redis cannot be asked; 0 = fail closed.
+    fail_open_limit_ms: int = 0
+    # Reservations of calls never settled are dropped after their limit plus this slack.
+    reservation_slack_s: int = 300
+    # Longest A2B_LIMIT_MS ever given (Asterisk's L() takes ms in a signed 64-bit; operators want a cap).
+    max_call_s: int = 4 * 3600
+
+    def validate(self) -> None:
+        _check(self.fail_open_limit_ms >= 0, "billing.fail_open_limit_ms", "must be >= 0")
+        _check(self.reservation_slack_s >= 0, "billing.reservation_slack_s", "must be >= 0")
+        _check(60 <= self.max_call_s <= 86400 * 7, "billing.max_call_s", "must be 60..604800")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "info"
+    json: bool = False
+
+    def validate(self) -> None:
+        _check(self.level in {"debug", "info", "warning", "error"}, "log.level",
+               "must be debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    host: str = "127.0.0.1"
+    port: int = 9573  # 0 disables the /metrics endpoint
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "metrics.port", "must be 0..65535")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    agi: AgiSettings = AgiSettings()
+    redis: RedisSettings = RedisSettings()
+    postgres: PostgresSettings = PostgresSettings()
+    billing: BillingSettings = BillingSettings()
+    log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    def validate(self) -> Settings:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+
+_SHORT_ENV = {"A2BD_PG_URL": ("postgres", "url"), "A2BD_REDIS_URL": ("redis", "url")}
+
+
+def load_settings(
+    path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read `path` (or /etc/a2bd/a2bd.toml when it exists), apply A2BD_ overrides, validate."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, dict[str, Any]] = {}
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        try:
+            with path.open("rb") as fh:
+                raw = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{section}: expected a [{section}] table")
+            data[section] = dict(values)
+
+    sections = {f.name: f.type for f in dataclasses.fields(Settings)}
+    for key, value in environ.items():
+        if key in _SHORT_ENV:
+            section, name = _SHORT_ENV[key]
+        elif key.startswith("A2BD_") and key.count("_") >= 2:
+            section, _, name = key[5:].lower().partition("_")
+            if section not in sections:
+                continue  # A2BD_TEST_* and friends belong to the test suite, not to the daemon
+        else:
+            continue
+        data.setdefault(section, {})[name] = value
+
+    built: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(sections))})")
+        cls = _section_class(section)
+        built[section] = _build(cls, section, values)
+    return Settings(**built).validate()
+
+
+def _section_class(section: str) -> type[Any]:
+    hints = typing.get_type_hints(Settings)
+    cls = hints[section]
+    assert isinstance(cls, type)
+    return cls
+
+
+def _build(cls: type[Any], section: str, values: Mapping[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ConfigError(f"{section}.{name}: unknown key (known: {', '.join(sorted(known))})")
+        kwargs[name] = _coerce(f"{section}.{name}", hints[name], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError(value)
+            return int(str(value).strip(), 10)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if typ is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+    except ValueError as exc:
+        shown = _redact(str(value)) if "url" in key else str(value)
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {shown!r}") from exc
+    raise ConfigError(f"{key}: unsupported type {typ!r}")
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a URL before it is printed."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url

@@ -1,0 +1,1 @@
+"""The glue between the protocols (agi, ami) and the domain and adapters."""

@@ -1,0 +1,226 @@
+"""The `authorize` FastAGI route: identify the account, decide, reserve atomically, answer.
+
+Per call: at most one Redis read to identify (caller ID or PIN), one HGETALL of the account, one EVALSHA
+of reserve.lua; tariffs and carriers come from memory. PostgreSQL is never touched on this path. When
+Redis cannot answer within its timeout the call fails closed (A2B_STATUS=ERROR), unless the operator set
+a fail-open limit and the account was last seen post-paid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from functools import lru_cache
+from typing import TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import structlog
+
+from a2bd.adapters.redis_store import RedisStore, held_micro
+from a2bd.agi.protocol import set_variable
+from a2bd.agi.server import AgiSession
+from a2bd.config import Settings
+from a2bd.contract import (
+    VAR_ACCOUNT,
+    VAR_ACCOUNTCODE,
+    VAR_HANGUPCAUSE,
+    VAR_LIMIT_MS,
+    VAR_ROUTE_PREFIX,
+    VAR_ROUTES,
+    VAR_STATUS,
+    Status,
+)
+from a2bd.domain.authorize import (
+    AccountView,
+    Decision,
+    Plan,
+    Reservation,
+    ReserveOutcome,
+    finish,
+    plan,
+    refuse,
+)
+from a2bd.errors import StoreUnavailable
+from a2bd.observability import AUTHORIZATIONS, AUTHORIZE_SECONDS
+from a2bd.services.catalog import ProviderCatalog, TariffCatalog
+
+log = structlog.get_logger("a2bd.authorize")
+T = TypeVar("T")
+_FAIL_OPEN_MEMORY = 100_000  # accounts remembered for fail-open; the oldest is forgotten first
+
+
+def call_identity(asterisk: str, uniqueid: str) -> str:
+    """A call is known by the Asterisk that runs it and the AGI channel's Uniqueid there."""
+    return f"{asterisk}/{uniqueid}"
+
+
+@lru_cache(maxsize=512)
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        log.warning("unknown time zone on an account; using UTC", timezone=name)
+        return ZoneInfo("UTC")
+
+
+def answer_commands(decision: Decision) -> list[bytes]:
+    """The SET VARIABLE lines of an answer. A2B_STATUS goes last: a dialplan that sees it set knows
+    every other variable was set before it."""
+    commands: list[bytes] = []
+    if decision.account:
+        commands.append(set_variable(VAR_ACCOUNTCODE, decision.account))
+        commands.append(set_variable(VAR_ACCOUNT, decision.account))
+    if decision.ok:
+        commands.append(set_variable(VAR_LIMIT_MS, str(decision.limit_ms)))
+        commands.append(set_variable(VAR_ROUTES, str(len(decision.routes))))
+        for i, route in enumerate(decision.routes, 1):
+            commands.append(set_variable(f"{VAR_ROUTE_PREFIX}{i}", route.dial))
+    else:
+        commands.append(set_variable(VAR_HANGUPCAUSE, str(decision.hangup_cause)))
+    commands.append(set_variable(VAR_STATUS, decision.status.value))
+    return commands
+
+
+class Authorizer:
+    def __init__(
+        self,
+        store: RedisStore,
+        tariffs: TariffCatalog,
+        providers: ProviderCatalog,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.tariffs = tariffs
+        self.providers = providers
+        self.settings = settings
+        self.clock = clock
+        self._last_seen: dict[str, AccountView] = {}
+
+    # -- the FastAGI route ----------------------------------------------------------------------
+
+    async def handle(self, session: AgiSession) -> None:
+        started = time.perf_counter()
+        env = session.env
+        destination = env.arguments[0] if env.arguments and env.arguments[0] else env.extension
+        call_id = call_identity(session.peer[0], env.uniqueid)
+        number = env.accountcode or None
+        try:
+            if number is None:
+                number = await self._identify(session)
+            decision = (
+                await self.authorize(number, destination, call_id)
+                if number
+                else refuse(Status.NOACCOUNT, f"caller {env.callerid!r} is no account and gave no valid PIN")
+            )
+        except StoreUnavailable as exc:
+            decision = self._unavailable(number, destination, str(exc))
+        await session.execute(*answer_commands(decision))
+        elapsed = time.perf_counter() - started
+        AUTHORIZE_SECONDS.observe(elapsed)
+        AUTHORIZATIONS.labels(decision.status.value).inc()
+        log.info("authorize", call=call_id, account=decision.account, destination=destination,
+                 status=decision.status.value, limit_ms=decision.limit_ms, routes=len(decision.routes),
+                 reason=decision.reason, ms=round(elapsed * 1000, 3))
+        if session.hungup and decision.ok and decision.account:
+            # The caller left during the AGI: this call will never dial, so it must not hold a slot.
+            try:
+                await self._redis(self.store.release(decision.account, call_id))
+            except StoreUnavailable as exc:
+                log.warning("could not release a reservation; it will expire", call=call_id, error=str(exc))
+
+    async def _identify(self, session: AgiSession) -> str | None:
+        env = session.env
+        if env.callerid and env.callerid.isdigit():
+            number = await self._redis(self.store.number_for_callerid(env.callerid))
+            if number:
+                return number
+        agi = self.settings.agi
+        for _ in range(agi.pin_attempts):
+            if session.hungup:
+                return None
+            reply = await session.command("GET DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
+                                          str(agi.pin_max_digits))
+            digits = reply.result or ""
+            if digits.isdigit():
+                number = await self._redis(self.store.number_for_pin(digits))
+                if number:
+                    return number
+        return None
+
+    # -- the decision -------------------------------------------------------------------------------
+
+    async def authorize(self, number: str, destination: str, call_id: str) -> Decision:
+        """Decide and, when the answer is OK, hold the call's slot and first block in Redis."""
+        if not number.isascii() or not number.isdigit():
+            return refuse(Status.NOACCOUNT, f"account code {number!r} is not an account number")
+        first = await self._plan(number, destination)
+        if isinstance(first, Decision):
+            return first
+        now_ms = int(self.clock() * 1000)
+        expires_ms = now_ms + (self.settings.billing.max_call_s + self.settings.billing.reservation_slack_s) * 1000
+        reservation = await self._redis(
+            self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms)
+        )
+        return finish(first, reservation, self.settings.billing.max_call_s)
+
+    async def explain(self, number: str, destination: str) -> Decision:
+        """What authorize would answer now, without reserving anything."""
+        first = await self._plan(number, destination)
+        if isinstance(first, Decision):
+            return first
+        calls = await self._redis(self.store.live_calls(number))
+        live = len(calls)
+        credit = first.account.available_micro - held_micro(calls, int(self.clock() * 1000))
+        max_calls = first.account.max_calls
+        if max_calls and live >= max_calls:
+            outcome = ReserveOutcome.MAXCALLS
+        elif credit < first.hold_micro:
+            outcome = ReserveOutcome.NOFUNDS
+        else:
+            outcome = ReserveOutcome.OK
+        return finish(first, Reservation(outcome, credit, live), self.settings.billing.max_call_s)
+
+    async def _plan(self, number: str, destination: str) -> Decision | Plan:
+        account = await self._redis(self.store.account(number))
+        if account is None:
+            return refuse(Status.NOACCOUNT, f"account {number} is unknown")
+        self._remember(account)
+        now_local = datetime.fromtimestamp(self.clock(), _zone(account.timezone))
+        return plan(account, destination, self.tariffs.get(account.tariff), self.providers.providers, now_local)
+
+    # -- when Redis cannot answer -------------------------------------------------------------------
+
+    def _remember(self, account: AccountView) -> None:
+        if not self.settings.billing.fail_open_limit_ms:
+            return
+        memory = self._last_seen
+        memory.pop(account.number, None)
+        memory[account.number] = account
+        if len(memory) > _FAIL_OPEN_MEMORY:
+            del memory[next(iter(memory))]
+
+    def _unavailable(self, number: str | None, destination: str, why: str) -> Decision:
+        limit_ms = self.settings.billing.fail_open_limit_ms
+        account = self._last_seen.get(number) if number and limit_ms else None
+        if account is not None and account.credit_limit_micro > 0:
+            now_local = datetime.fromtimestamp(self.clock(), _zone(account.timezone))
+            first = plan(account, destination, self.tariffs.get(account.tariff), self.providers.providers,
+                         now_local)
+            if isinstance(first, Plan):
+                log.warning("Redis unavailable; post-paid account let through (fail-open)",
+                            account=number, limit_ms=limit_ms, error=why)
+                return Decision(Status.OK, f"fail-open: {why}", account=account.number,
+                                limit_ms=min(limit_ms, self.settings.billing.max_call_s * 1000),
+                                routes=first.routes, plan=first)
+        return refuse(Status.ERROR, f"cannot decide: {why}", number or "")
+
+    async def _redis(self, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.settings.redis.timeout_s):
+                return await awaitable
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"Redis did not answer within {self.settings.redis.timeout_s} s") from exc

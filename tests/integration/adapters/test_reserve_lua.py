@@ -1,0 +1,120 @@
+"""reserve.lua against the real Redis: concurrency, credit holds, expiry, negative balance, idempotence."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from a2bd.adapters.redis_store import RedisStore, account_to_hash, calls_key, held_micro
+from a2bd.domain.authorize import ReserveOutcome
+
+pytestmark = pytest.mark.integration
+NOW = 1_800_000_000_000
+LATER = NOW + 3_600_000
+
+
+async def put_account(store: RedisStore, number: str = "1000000001", *, balance: int = 10_000_000,
+                      credit_limit: int = 0, max_calls: int = 0) -> str:
+    await store.put_accounts([{
+        "number": number, "status": "active", "tariff": "t", "balance_micro": balance,
+        "credit_limit_micro": credit_limit, "max_calls": max_calls, "expires_at": None,
+        "restrict_mode": "none", "restrict_prefixes": [], "timezone": "UTC", "currency": "EUR",
+    }])
+    return number
+
+
+async def test_200_concurrent_reservations_on_5_slots_give_exactly_5_ok(store: RedisStore) -> None:
+    number = await put_account(store, max_calls=5)
+    results = await asyncio.gather(*(
+        store.reserve(number, f"ast1/{i}", 100_000, NOW, LATER) for i in range(200)
+    ))
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(ReserveOutcome.OK) == 5
+    assert outcomes.count(ReserveOutcome.MAXCALLS) == 195
+    assert len(await store.live_calls(number)) == 5
+
+
+async def test_concurrent_reservations_cannot_overdraw_a_small_credit(store: RedisStore) -> None:
+    # 1.00 of credit, each call holds its first block of 0.30: three calls fit, the burst of 50 gets 3.
+    number = await put_account(store, balance=1_000_000)
+    results = await asyncio.gather(*(
+        store.reserve(number, f"ast1/{i}", 300_000, NOW, LATER) for i in range(50)
+    ))
+    ok = [r for r in results if r.outcome is ReserveOutcome.OK]
+    assert len(ok) == 3
+    assert sorted(r.credit_micro for r in ok) == [400_000, 700_000, 1_000_000]
+    assert all(r.outcome is ReserveOutcome.NOFUNDS for r in results if r not in ok)
+
+
+async def test_credit_limit_counts_as_available(store: RedisStore) -> None:
+    number = await put_account(store, balance=-500_000, credit_limit=2_000_000)
+    r = await store.reserve(number, "ast1/1", 100_000, NOW, LATER)
+    assert (r.outcome, r.credit_micro, r.live_calls) == (ReserveOutcome.OK, 1_500_000, 1)
+
+
+async def test_negative_balance_beyond_limit_is_nofunds_and_registers_nothing(store: RedisStore) -> None:
+    number = await put_account(store, balance=-3_000_000, credit_limit=1_000_000)
+    r = await store.reserve(number, "ast1/1", 1, NOW, LATER)
+    assert (r.outcome, r.credit_micro) == (ReserveOutcome.NOFUNDS, -2_000_000)
+    assert await store.live_calls(number) == {}
+
+
+async def test_expired_reservation_no_longer_counts_and_is_purged(store: RedisStore) -> None:
+    number = await put_account(store, balance=1_000_000, max_calls=1)
+    first = await store.reserve(number, "ast1/old", 600_000, NOW, NOW + 1000)
+    assert first.outcome is ReserveOutcome.OK
+    blocked = await store.reserve(number, "ast1/new", 600_000, NOW + 999, LATER)
+    assert blocked.outcome is ReserveOutcome.MAXCALLS
+    after = await store.reserve(number, "ast1/new", 600_000, NOW + 1000, LATER)
+    assert (after.outcome, after.credit_micro, after.live_calls) == (ReserveOutcome.OK, 1_000_000, 1)
+    assert list(await store.live_calls(number)) == ["ast1/new"]
+
+
+async def test_reserving_the_same_call_twice_takes_one_slot(store: RedisStore) -> None:
+    number = await put_account(store, balance=1_000_000, max_calls=1)
+    a = await store.reserve(number, "ast1/7", 300_000, NOW, LATER)
+    b = await store.reserve(number, "ast1/7", 300_000, NOW, LATER)
+    assert a.outcome is b.outcome is ReserveOutcome.OK
+    assert a.credit_micro == b.credit_micro == 1_000_000
+    assert len(await store.live_calls(number)) == 1
+
+
+async def test_unknown_account_is_noaccount(store: RedisStore) -> None:
+    r = await store.reserve("999999", "ast1/1", 1, NOW, LATER)
+    assert r.outcome is ReserveOutcome.NOACCOUNT
+    assert await store.client.exists(calls_key("999999")) == 0
+
+
+async def test_script_is_reloaded_after_redis_forgets_it(store: RedisStore) -> None:
+    number = await put_account(store)
+    assert (await store.reserve(number, "ast1/1", 1, NOW, LATER)).outcome is ReserveOutcome.OK
+    await store.client.script_flush()
+    assert (await store.reserve(number, "ast1/2", 1, NOW, LATER)).outcome is ReserveOutcome.OK
+
+
+async def test_held_micro_reads_holds_as_the_script_does(store: RedisStore) -> None:
+    number = await put_account(store)
+    await store.reserve(number, "ast1/1", 250_000, NOW, NOW + 10)
+    await store.reserve(number, "ast1/2", 100_000, NOW, LATER)
+    calls = await store.live_calls(number)
+    assert held_micro(calls, NOW) == 350_000
+    assert held_micro(calls, NOW + 10) == 100_000
+
+
+def test_account_hash_round_trip() -> None:
+    from datetime import UTC, datetime
+
+    from a2bd.adapters.redis_store import account_from_hash
+
+    data = account_to_hash({
+        "number": "42424242", "status": "blocked", "tariff": "retail", "balance_micro": -12,
+        "credit_limit_micro": 5, "max_calls": 3, "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
+        "restrict_mode": "deny", "restrict_prefixes": ["1900", "44"], "timezone": "Europe/Paris",
+        "currency": "EUR",
+    })
+    view = account_from_hash(data)
+    assert (view.balance_micro, view.credit_limit_micro, view.max_calls) == (-12, 5, 3)
+    assert view.restrict_prefixes == ("1900", "44")
+    assert view.expires_at_s == 1893456000
+    assert view.status.value == "blocked"
