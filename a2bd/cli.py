@@ -17,7 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from a2bd.adapters import postgres
-from a2bd.adapters.redis_store import RedisStore, held_micro
+from a2bd.adapters.redis_store import RedisStore
 from a2bd.config import Settings, load_settings
 from a2bd.domain.money import format_amount, parse_amount, to_decimal
 from a2bd.domain.ratecard import parse_ratecard
@@ -201,7 +201,7 @@ async def cmd_account_show(args: argparse.Namespace, settings: Settings) -> int:
         raise InputError(f"account {args.number} does not exist")
     store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
     try:
-        calls = await store.live_calls(args.number)
+        calls = await store.live_calls(args.number, int(datetime.now(UTC).timestamp() * 1000))
     finally:
         await store.close()
     data = _account_json(record, calls)
@@ -318,8 +318,7 @@ async def _free_number(conn: Any) -> str:
     raise InputError("could not find a free account number; give one with --number")
 
 
-def _account_json(record: Any, calls: dict[str, str]) -> dict[str, Any]:
-    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
     available = record["balance_micro"] + record["credit_limit_micro"]
     return {
         "number": record["number"],
@@ -329,7 +328,7 @@ def _account_json(record: Any, calls: dict[str, str]) -> dict[str, Any]:
         "balance": format_amount(record["balance_micro"]),
         "credit_limit": format_amount(record["credit_limit_micro"]),
         "available_credit": format_amount(available),
-        "held_by_live_calls": format_amount(held_micro(calls, now_ms)),
+        "held_by_live_calls": format_amount(sum(calls.values())),
         "live_calls": len(calls),
         "max_calls": record["max_calls"],
         "expires_at": record["expires_at"].isoformat() if record["expires_at"] else None,

@@ -4,8 +4,10 @@ Keys (every key of one account carries the hash tag {acct:N}, so its scripts sta
 Redis Cluster):
 
     a2b:{acct:N}           hash   number, status, tariff, balance, credit_limit, max_calls, expires_at,
-                                  restrict_mode, restrict_prefixes (comma-separated), timezone, currency
-    a2b:{acct:N}:calls     hash   live calls: call id -> "hold_micro:expires_ms"
+                                  restrict_mode, restrict_prefixes (comma-separated), timezone, currency,
+                                  held (sum of the live calls' holds: written only by the Lua scripts)
+    a2b:{acct:N}:calls     hash   live calls: call id -> hold_micro
+    a2b:{acct:N}:expiry    zset   live calls by expiry (Unix ms): a call never settled stops counting
     a2b:cid:<callerid>     string account number owning this caller ID
     a2b:pin:<pin>          string account number owning this PIN
     a2b:prov:<name>        hash   name, dial, enabled, balance, balance_limit, daily_limit_s, today_s
@@ -46,6 +48,15 @@ def calls_key(number: str) -> str:
     return f"a2b:{{acct:{number}}}:calls"
 
 
+def expiry_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}:expiry"
+
+
+def live_keys(number: str) -> list[str]:
+    """KEYS of the reserve/release scripts, in their order."""
+    return [account_key(number), calls_key(number), expiry_key(number)]
+
+
 def callerid_key(callerid: str) -> str:
     return f"a2b:cid:{callerid}"
 
@@ -83,6 +94,7 @@ class RedisStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self._reserve = Script("reserve")
+        self._release = Script("release")
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float, max_connections: int = 64) -> RedisStore:
@@ -100,7 +112,8 @@ class RedisStore:
     async def ping(self) -> None:
         """Check Redis answers and load the scripts, so the first call pays no SCRIPT LOAD."""
         await self._guard(self.client.ping())
-        self._reserve.sha = await self._guard(self.client.script_load(self._reserve.source))
+        for script in (self._reserve, self._release):
+            script.sha = await self._guard(self.client.script_load(script.source))
 
     async def _guard(self, awaitable: Any) -> Any:
         try:
@@ -128,8 +141,7 @@ class RedisStore:
         self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int
     ) -> Reservation:
         reply = await self._guard(
-            self._reserve(self.client, [account_key(number), calls_key(number)],
-                          [call_id, hold_micro, now_ms, expires_ms])
+            self._reserve(self.client, live_keys(number), [call_id, hold_micro, now_ms, expires_ms])
         )
         outcome, credit, live = reply
         return Reservation(ReserveOutcome(outcome), int(credit), int(live))
@@ -145,13 +157,18 @@ class RedisStore:
         rows = await self._guard(pipe.execute())
         return {name: provider_from_hash(row) for name, row in zip(ordered, rows, strict=True) if row}
 
-    async def release(self, number: str, call_id: str) -> None:
-        """Drop a reservation whose call can never be placed (the caller hung up during the AGI)."""
-        await self._guard(self.client.hdel(calls_key(number), call_id))
+    async def release(self, number: str, call_id: str) -> bool:
+        """Drop a reservation whose call will never be billed (the caller hung up during the AGI)."""
+        return bool(await self._guard(self._release(self.client, live_keys(number), [call_id])))
 
-    async def live_calls(self, number: str) -> dict[str, str]:
-        calls: dict[str, str] = await self._guard(self.client.hgetall(calls_key(number)))
-        return calls
+    async def live_calls(self, number: str, now_ms: int) -> dict[str, int]:
+        """Live (unexpired) reservations of an account: call id -> hold in micro-units."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(calls_key(number))
+        pipe.zrangebyscore(expiry_key(number), f"({now_ms}", "+inf")  # as reserve.lua: expired at now
+        calls, live = await self._guard(pipe.execute())
+        alive = set(live)
+        return {call: int(hold) for call, hold in calls.items() if call in alive}
 
     # -- loading from PostgreSQL ----------------------------------------------------------------
 
@@ -236,13 +253,3 @@ def provider_from_hash(data: Mapping[str, str]) -> ProviderState:
         minutes_today_s=int(data.get("today_s", "0")),
         daily_limit_s=int(data.get("daily_limit_s", "0")),
     )
-
-
-def held_micro(calls: Mapping[str, str], now_ms: int) -> int:
-    """Sum of the holds of live (unexpired) reservations, read as reserve.lua reads them."""
-    total = 0
-    for value in calls.values():
-        hold, _, expires = value.partition(":")
-        if int(expires) > now_ms:
-            total += int(hold)
-    return total

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 
-from a2bd.adapters.redis_store import RedisStore, held_micro
+from a2bd.adapters.redis_store import RedisStore
 from a2bd.agi.protocol import set_variable
 from a2bd.agi.server import AgiSession
 from a2bd.config import Settings
@@ -142,7 +142,7 @@ class Authorizer:
         for _ in range(agi.pin_attempts):
             if session.hungup:
                 return None
-            reply = await session.command("GET DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
+            reply = await session.command("GET", "DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
                                           str(agi.pin_max_digits))
             digits = reply.result or ""
             if digits.isdigit():
@@ -172,9 +172,9 @@ class Authorizer:
         first = await self._plan(number, destination)
         if isinstance(first, Decision):
             return first
-        calls = await self._redis(self.store.live_calls(number))
+        calls = await self._redis(self.store.live_calls(number, int(self.clock() * 1000)))
         live = len(calls)
-        credit = first.account.available_micro - held_micro(calls, int(self.clock() * 1000))
+        credit = first.account.available_micro - sum(calls.values())
         max_calls = first.account.max_calls
         if max_calls and live >= max_calls:
             outcome = ReserveOutcome.MAXCALLS

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from a2bd.adapters.redis_store import RedisStore, account_to_hash, calls_key, held_micro
+from a2bd.adapters.redis_store import RedisStore, account_key, account_to_hash, calls_key
 from a2bd.domain.authorize import ReserveOutcome
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ async def test_200_concurrent_reservations_on_5_slots_give_exactly_5_ok(store: R
     outcomes = [r.outcome for r in results]
     assert outcomes.count(ReserveOutcome.OK) == 5
     assert outcomes.count(ReserveOutcome.MAXCALLS) == 195
-    assert len(await store.live_calls(number)) == 5
+    assert len(await store.live_calls(number, NOW)) == 5
 
 
 async def test_concurrent_reservations_cannot_overdraw_a_small_credit(store: RedisStore) -> None:
@@ -57,7 +57,7 @@ async def test_negative_balance_beyond_limit_is_nofunds_and_registers_nothing(st
     number = await put_account(store, balance=-3_000_000, credit_limit=1_000_000)
     r = await store.reserve(number, "ast1/1", 1, NOW, LATER)
     assert (r.outcome, r.credit_micro) == (ReserveOutcome.NOFUNDS, -2_000_000)
-    assert await store.live_calls(number) == {}
+    assert await store.live_calls(number, NOW) == {}
 
 
 async def test_expired_reservation_no_longer_counts_and_is_purged(store: RedisStore) -> None:
@@ -68,7 +68,7 @@ async def test_expired_reservation_no_longer_counts_and_is_purged(store: RedisSt
     assert blocked.outcome is ReserveOutcome.MAXCALLS
     after = await store.reserve(number, "ast1/new", 600_000, NOW + 1000, LATER)
     assert (after.outcome, after.credit_micro, after.live_calls) == (ReserveOutcome.OK, 1_000_000, 1)
-    assert list(await store.live_calls(number)) == ["ast1/new"]
+    assert list(await store.live_calls(number, NOW)) == ["ast1/new"]
 
 
 async def test_reserving_the_same_call_twice_takes_one_slot(store: RedisStore) -> None:
@@ -77,7 +77,7 @@ async def test_reserving_the_same_call_twice_takes_one_slot(store: RedisStore) -
     b = await store.reserve(number, "ast1/7", 300_000, NOW, LATER)
     assert a.outcome is b.outcome is ReserveOutcome.OK
     assert a.credit_micro == b.credit_micro == 1_000_000
-    assert len(await store.live_calls(number)) == 1
+    assert len(await store.live_calls(number, NOW)) == 1
 
 
 async def test_unknown_account_is_noaccount(store: RedisStore) -> None:
@@ -93,13 +93,27 @@ async def test_script_is_reloaded_after_redis_forgets_it(store: RedisStore) -> N
     assert (await store.reserve(number, "ast1/2", 1, NOW, LATER)).outcome is ReserveOutcome.OK
 
 
-async def test_held_micro_reads_holds_as_the_script_does(store: RedisStore) -> None:
+async def test_held_total_follows_reserve_expiry_and_release(store: RedisStore) -> None:
     number = await put_account(store)
     await store.reserve(number, "ast1/1", 250_000, NOW, NOW + 10)
     await store.reserve(number, "ast1/2", 100_000, NOW, LATER)
-    calls = await store.live_calls(number)
-    assert held_micro(calls, NOW) == 350_000
-    assert held_micro(calls, NOW + 10) == 100_000
+    await store.reserve(number, "ast1/3", 40_000, NOW, LATER)
+    assert await store.client.hget(account_key(number), "held") == "390000"
+    assert await store.live_calls(number, NOW) == {"ast1/1": 250_000, "ast1/2": 100_000, "ast1/3": 40_000}
+    assert await store.live_calls(number, NOW + 10) == {"ast1/2": 100_000, "ast1/3": 40_000}
+    assert await store.release(number, "ast1/3") is True
+    assert await store.release(number, "ast1/3") is False  # twice is harmless
+    r = await store.reserve(number, "ast1/4", 1, NOW + 10, LATER)  # purges ast1/1 on the way
+    assert (r.credit_micro, r.live_calls) == (10_000_000 - 100_000, 2)
+    assert await store.client.hget(account_key(number), "held") == "100001"
+
+
+async def test_a_sync_of_the_account_keeps_its_live_holds(store: RedisStore) -> None:
+    number = await put_account(store, balance=1_000_000)
+    await store.reserve(number, "ast1/1", 600_000, NOW, LATER)
+    await put_account(store, balance=1_000_000)  # `a2bd sync` rewrites the hash from PostgreSQL
+    r = await store.reserve(number, "ast1/2", 600_000, NOW, LATER)
+    assert (r.outcome, r.credit_micro) == (ReserveOutcome.NOFUNDS, 400_000)
 
 
 def test_account_hash_round_trip() -> None:

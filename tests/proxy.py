@@ -1,0 +1,79 @@
+"""A TCP proxy on loopback that a test can cut, as asyncpg's test_adversity does to a real server.
+
+`refuse()` drops every connection and closes the listening port (connection refused); `blackhole()`
+keeps accepting but forwards nothing (the peer stalls until its timeout); `restore()` forwards again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._mode = "forward"
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        if self._mode == "blackhole":
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # swallow until the client gives up
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.add(up_writer)
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self._mode != "forward":
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
+    async def refuse(self) -> None:
+        self._mode = "refuse"
+        self._drop_all()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def blackhole(self) -> None:
+        self._mode = "blackhole"
+        self._drop_all()
+        if self._server is None:
+            await self.start()
+
+    async def restore(self) -> None:
+        self._mode = "forward"
+        if self._server is None:
+            await self.start()
+
+    async def close(self) -> None:
+        await self.refuse()
