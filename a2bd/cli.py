@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.config import Settings, load_settings
-from a2bd.domain.money import format_amount, parse_amount, to_decimal
+from a2bd.domain.money import format_amount, parse_amount
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.errors import A2bdError, InputError
 from a2bd.observability import configure_logging
@@ -155,13 +155,13 @@ async def cmd_tariff_import(args: argparse.Namespace, settings: Settings) -> int
 async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
     fields: dict[str, Any] = {
         "status": args.status,
-        "credit_limit_micro": parse_amount(args.credit_limit, field="--credit-limit"),
+        "credit_limit_micro": _money(args.credit_limit, field="--credit-limit"),
         "max_calls": args.max_calls,
         "currency": args.currency.upper(),
         "timezone": _timezone(args.timezone),
         "invoice_day": args.invoice_day,
-        "vat_rate_ppm": parse_amount(args.vat, field="--vat") // 100,  # percent -> parts per million
-        "low_credit_threshold_micro": parse_amount(args.low_credit, field="--low-credit"),
+        "vat_rate_ppm": _money(args.vat, field="--vat") // 100,  # percent -> parts per million
+        "low_credit_threshold_micro": _money(args.low_credit, field="--low-credit"),
     }
     if args.pin:
         fields["pin"] = args.pin
@@ -173,7 +173,7 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
     for name in ("name", "company", "address", "email", "language", "vat_number"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
-    balance = parse_amount(args.balance, field="--balance")
+    balance = _money(args.balance, field="--balance")
     conn = await postgres.connect(settings.postgres.url)
     try:
         number = args.number or await _free_number(conn)
@@ -220,7 +220,7 @@ async def cmd_provider_add(args: argparse.Namespace, settings: Settings) -> int:
     try:
         await postgres.add_provider(
             conn, args.name, args.dial,
-            balance_limit_micro=parse_amount(args.balance_limit, field="--balance-limit"),
+            balance_limit_micro=_money(args.balance_limit, field="--balance-limit"),
             daily_limit_s=args.daily_minutes * 60, currency=args.currency.upper(),
         )
         providers = await postgres.list_providers(conn)
@@ -278,12 +278,12 @@ async def cmd_explain(args: argparse.Namespace, settings: Settings) -> int:
         out |= {
             "prefix": plan.match.prefix,
             "rate_destination": plan.match.destination,
-            "rate_per_min": str(to_decimal(sell.rate_per_min_micro)),
-            "connect_charge": str(to_decimal(sell.connect_micro)),
+            "rate_per_min": format_amount(sell.rate_per_min_micro),
+            "connect_charge": format_amount(sell.connect_micro),
             "initial_block_s": sell.initial_block_s,
             "increment_s": sell.increment_s,
-            "first_block_cost": str(to_decimal(plan.hold_micro)),
-            "credit_for_this_call": str(to_decimal(decision.available_micro or 0)),
+            "first_block_cost": format_amount(plan.hold_micro),
+            "credit_for_this_call": format_amount(decision.available_micro or 0),
         }
     out["limit_ms"] = decision.limit_ms
     out["routes"] = [r.dial for r in decision.routes]
@@ -343,6 +343,13 @@ def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
         "company": record["company"],
         "email": record["email"],
     }
+
+
+def _money(text: str, *, field: str) -> int:
+    try:
+        return parse_amount(text, field=field)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _timezone(name: str) -> str:

@@ -54,5 +54,7 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: a cached logger ignores later configuration, which would blind
+        # structlog.testing.capture_logs() in every test that runs after a CLI test.
+        cache_logger_on_first_use=False,
     )

@@ -1,0 +1,147 @@
+"""The `a2bd` command against the real PostgreSQL and Redis, as an operator uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from a2bd.adapters.redis_store import RedisStore, account_key
+from a2bd.cli import main
+from a2bd.domain.rating import SellRate, max_duration_s
+
+pytestmark = pytest.mark.integration
+SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample_tariff.csv"
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str) -> None:
+    monkeypatch.setenv("A2BD_PG_URL", pg_url)
+    monkeypatch.setenv("A2BD_REDIS_URL", redis_url)
+
+
+async def a2bd(*argv: str) -> int:
+    """Run the CLI as a user would; it owns its event loop, so it runs in a thread."""
+    return await asyncio.to_thread(main, list(argv))
+
+
+async def setup_tariff(capsys: pytest.CaptureFixture[str]) -> None:
+    assert await a2bd("provider", "add", "carrier-a", "--dial", "PJSIP/{number}@carrier-a") == 0
+    assert await a2bd("provider", "add", "carrier-b", "--dial", "PJSIP/{number}@carrier-b",
+                      "--daily-minutes", "600", "--balance-limit", "1000") == 0
+    assert await a2bd("tariff", "import", str(SAMPLE), "--tariff", "retail") == 0
+    assert "11 rates imported" in capsys.readouterr().out
+
+
+async def test_account_add_show_and_explain(pg: asyncpg.Connection, store: RedisStore,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    assert await a2bd("account", "add", "--tariff", "retail", "--balance", "12.50", "--credit-limit", "5",
+                      "--max-calls", "3", "--callerid", "33123456789", "--pin", "8080", "--deny", "1900,+4490",
+                      "--timezone", "Europe/Paris", "--vat", "20", "--name", "Ada") == 0
+    number = capsys.readouterr().out.strip()
+    assert len(number) == 10 and number.isdigit() and number[0] != "0"
+
+    assert await a2bd("account", "show", number, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown | {"number": number} == shown
+    assert (shown["balance"], shown["credit_limit"], shown["available_credit"]) == ("12.50", "5.00", "17.50")
+    assert (shown["live_calls"], shown["restrict_prefixes"], shown["vat_rate"]) == (0, ["1900", "4490"], "20%")
+    assert shown["callerids"] == ["33123456789"] and shown["pin_set"] is True
+
+    # the initial balance is a ledger line; Redis got the account at once
+    assert await pg.fetchval("SELECT amount_micro FROM ledger WHERE kind = 'initial'") == 12_500_000
+    assert await store.client.hget(account_key(number), "balance") == "12500000"
+    assert await store.number_for_pin("8080") == number
+
+    assert await a2bd("account", "show", number) == 0
+    table = capsys.readouterr().out
+    assert "available credit" in table and "17.50" in table
+
+    assert await a2bd("explain", number, "33612345678", "--json") == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert (explained["status"], explained["prefix"], explained["rate_per_min"]) == ("OK", "336", "0.12")
+    assert explained["routes"] == ["PJSIP/33612345678@carrier-a"]
+    assert explained["first_block_cost"] == "0.06"
+    mobile = SellRate(120_000, initial_block_s=30, increment_s=6, grace_s=3)
+    assert explained["limit_ms"] == max_duration_s(mobile, 17_500_000, 14400) * 1000 == 8_748_000
+
+    assert await a2bd("explain", number, "19005550100") == 3  # refused: exit status says so
+    assert "BLOCKED" in capsys.readouterr().out
+
+
+async def test_bad_ratecard_reports_lines_and_imports_nothing(pg: asyncpg.Connection, store: RedisStore,
+                                                             tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("dialprefix,destination,rateinitial\n44,UK,0.01\n4x4,Bad,0.01\n45,Denmark,cheap\n")
+    assert await a2bd("tariff", "import", str(bad), "--tariff", "retail") == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:3: dialprefix" in err
+    assert f"{bad}:4: rateinitial" in err
+    assert "2 bad row(s)" in err and "nothing was imported" in err
+    assert await pg.fetchval("SELECT count(*) FROM rates") == 11  # the previous card is intact
+
+
+async def test_import_naming_an_unknown_provider_is_refused(pg: asyncpg.Connection, store: RedisStore,
+                                                           tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    card = tmp_path / "card.csv"
+    card.write_text("dialprefix,rateinitial,provider\n44,0.01,ghost\n")
+    assert await a2bd("tariff", "import", str(card), "--tariff", "x") == 1
+    assert "unknown provider(s) ghost" in capsys.readouterr().err
+    assert await pg.fetchval("SELECT count(*) FROM tariffs") == 0
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["account", "add", "--tariff", "nope"], "tariff 'nope' does not exist"),
+    (["account", "add", "--tariff", "retail", "--balance", "1.0000001"], "more than 6 decimal places"),
+    (["account", "add", "--tariff", "retail", "--number", "12"], "account refused"),
+    (["account", "add", "--tariff", "retail", "--timezone", "Mars/Olympus"], "not an IANA time zone"),
+    (["account", "add", "--tariff", "retail", "--deny", "19x"], "prefixes are digits"),
+    (["account", "show", "4040404040"], "account 4040404040 does not exist"),
+    (["provider", "add", "x", "--dial", "PJSIP/carrier"], "must contain {number}"),
+    (["tariff", "import", "/nonexistent.csv", "--tariff", "t"], "cannot read /nonexistent.csv"),
+])
+async def test_operator_mistakes_get_one_clear_line(pg: asyncpg.Connection, store: RedisStore,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   argv: list[str], message: str) -> None:
+    await setup_tariff(capsys)
+    assert await a2bd(*argv) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("a2bd: ")
+
+
+async def test_sync_rebuilds_redis_from_postgresql(pg: asyncpg.Connection, store: RedisStore,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    assert await a2bd("account", "add", "--tariff", "retail", "--number", "5550001", "--balance", "3",
+                      "--callerid", "4420000001") == 0
+    capsys.readouterr()
+    await store.client.flushdb()
+    await store.client.set("a2b:cid:999", "5550001")  # stale index key of a removed caller ID
+    assert await a2bd("sync") == 0
+    assert "synced 1 accounts and 2 providers" in capsys.readouterr().out
+    assert await store.client.hget(account_key("5550001"), "balance") == "3000000"
+    assert await store.number_for_callerid("4420000001") == "5550001"
+    assert await store.number_for_callerid("999") is None
+    providers = await store.providers()
+    assert (providers["carrier-b"].daily_limit_s, providers["carrier-b"].balance_limit_micro) == (36000, 1_000_000_000)
+
+
+async def test_migrate_twice(pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await a2bd("db", "migrate") == 0
+    assert capsys.readouterr().out == "schema is up to date\n"
+
+
+async def test_unreachable_servers_are_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("A2BD_PG_URL", "postgresql://postgres@127.0.0.1:1/a2bd")
+    assert await a2bd("db", "migrate") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("a2bd: PostgreSQL at 127.0.0.1:1/a2bd is unreachable")

@@ -1,0 +1,74 @@
+"""Settings: TOML plus A2BD_ overrides, validated before any socket opens; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from a2bd.cli import main
+from a2bd.config import Settings, load_settings
+from a2bd.errors import ConfigError
+
+
+def test_defaults_without_file_or_environment() -> None:
+    s = load_settings(None, {})
+    assert (s.agi.host, s.agi.port) == ("127.0.0.1", 4573)
+    assert s == Settings()
+
+
+def test_file_then_environment_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "a2bd.toml"
+    path.write_text('[agi]\nport = 5000\nhost = "0.0.0.0"\n[redis]\nurl = "redis://10.0.0.1:6379/2"\n')
+    env = {"A2BD_AGI_PORT": "4600", "A2BD_PG_URL": "postgresql://u:secret@db/a2bd",
+           "A2BD_BILLING_FAIL_OPEN_LIMIT_MS": "60000", "A2BD_LOG_JSON": "yes", "A2BD_TEST_PG_URL": "ignored"}
+    s = load_settings(path, env)
+    assert (s.agi.host, s.agi.port) == ("0.0.0.0", 4600)
+    assert s.redis.url == "redis://10.0.0.1:6379/2"
+    assert s.postgres.url == "postgresql://u:secret@db/a2bd"
+    assert s.billing.fail_open_limit_ms == 60000
+    assert s.log.json is True
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    s = load_settings(None, {"A2BD_PG_URL": "postgresql://u:hunter2@db/a2bd"})
+    assert "hunter2" not in repr(s)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"A2BD_AGI_PORT": "seventy"}, "agi.port: expected int, got 'seventy'"),
+    ({"A2BD_AGI_PORT": "70000"}, "agi.port: must be 0..65535"),
+    ({"A2BD_AGI_MAX_CONNECTIONS": "0"}, "agi.max_connections: must be >= 1"),
+    ({"A2BD_REDIS_URL": "http://x"}, "redis.url: must be redis://"),
+    ({"A2BD_PG_URL": "mysql://u:pw@x/db"}, "postgres.url: must be postgresql:// (got 'mysql://u:***@x/db')"),
+    ({"A2BD_LOG_LEVEL": "loud"}, "log.level: must be debug"),
+    ({"A2BD_LOG_JSON": "perhaps"}, "log.json: expected bool"),
+    ({"A2BD_AGI_NOPE": "1"}, "agi.nope: unknown key"),
+    ({"A2BD_BILLING_MAX_CALL_S": "1.5"}, "billing.max_call_s: expected int"),
+])
+def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert message in str(info.value)
+    assert "pw" not in str(info.value)
+
+
+def test_bad_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", {})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[agi\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken, {})
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("[nonsense]\nx = 1\n")
+    with pytest.raises(ConfigError, match="nonsense: unknown section"):
+        load_settings(wrong, {})
+
+
+def test_cli_prints_one_line_and_exits_1_on_bad_settings(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("A2BD_AGI_PORT", "-1")
+    assert main(["db", "migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err == "a2bd: agi.port: must be 0..65535\n"
