@@ -43,26 +43,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = "settings file (default /etc/a2bd/a2bd.toml when present); A2BD_* override it"
     parser = argparse.ArgumentParser(prog="a2bd", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--config", type=Path, default=None,
-                        help="settings file (default /etc/a2bd/a2bd.toml when present); A2BD_* override it")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser.add_argument("--config", type=Path, default=None, help=config_help)
+    # `--config` is accepted after the command too (`a2bd serve --config X`), as operators type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=config_help)
+    sub = _Subparsers(parser.add_subparsers(required=True, metavar="COMMAND"), common)
 
     p = sub.add_parser("serve", help="run the daemon")
     p.set_defaults(command=cmd_serve)
 
-    db = sub.add_parser("db", help="database schema").add_subparsers(required=True, metavar="ACTION")
+    db = _Subparsers(sub.add_parser("db", help="database schema").add_subparsers(required=True, metavar="ACTION"),
+                     common)
     p = db.add_parser("migrate", help="apply the missing migrations of sql/ (idempotent)")
     p.set_defaults(command=cmd_migrate)
 
-    tariff = sub.add_parser("tariff", help="tariffs").add_subparsers(required=True, metavar="ACTION")
+    tariff = _Subparsers(sub.add_parser("tariff", help="tariffs").add_subparsers(required=True,
+                                                                                metavar="ACTION"), common)
     p = tariff.add_parser("import", help="replace a tariff's rates with an A2Billing-style rate card CSV")
     p.add_argument("file", type=Path)
     p.add_argument("--tariff", required=True, help="tariff name (created if new)")
     p.add_argument("--currency", default="EUR")
     p.set_defaults(command=cmd_tariff_import)
 
-    account = sub.add_parser("account", help="accounts").add_subparsers(required=True, metavar="ACTION")
+    account = _Subparsers(sub.add_parser("account", help="accounts").add_subparsers(required=True,
+                                                                                metavar="ACTION"), common)
     p = account.add_parser("add", help="create an account (its initial balance is a ledger line)")
     p.add_argument("--number", help="account number, 4-20 digits (default: a random 10-digit one)")
     p.add_argument("--tariff", required=True)
@@ -90,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_account_show)
 
-    provider = sub.add_parser("provider", help="carriers").add_subparsers(required=True, metavar="ACTION")
+    provider = _Subparsers(sub.add_parser("provider", help="carriers").add_subparsers(required=True,
+                                                                                metavar="ACTION"), common)
     p = provider.add_parser("add", help="add a carrier with a dial-string template")
     p.add_argument("name")
     p.add_argument("--dial", required=True, help="dial string template, e.g. 'PJSIP/{number}@carrier-a'")
@@ -108,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_explain)
     return parser
+
+
+class _Subparsers:
+    """add_parser() that gives every command the common options."""
+
+    def __init__(self, action: Any, common: argparse.ArgumentParser) -> None:
+        self.action = action
+        self.common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self.action.add_parser(name, parents=[self.common], **kwargs)
+        return parser
 
 
 # -- commands -------------------------------------------------------------------------------------

@@ -72,3 +72,14 @@ def test_cli_prints_one_line_and_exits_1_on_bad_settings(monkeypatch: pytest.Mon
     assert main(["db", "migrate"]) == 1
     err = capsys.readouterr().err
     assert err == "a2bd: agi.port: must be 0..65535\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--config", "/etc/a2bd/x.toml", "serve"],
+    ["serve", "--config", "/etc/a2bd/x.toml"],
+    ["account", "show", "1234", "--config", "/etc/a2bd/x.toml"],
+])
+def test_config_option_before_or_after_the_command(argv: list[str]) -> None:
+    from a2bd.cli import build_parser
+
+    assert build_parser().parse_args(argv).config == Path("/etc/a2bd/x.toml")
