@@ -10,7 +10,7 @@ import asyncio
 import json
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from a2bd.domain.ratecard import parse_ratecard
 from a2bd.errors import A2bdError, InputError
 from a2bd.observability import configure_logging
 
-Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--tariff", required=True, help="tariff name (created if new)")
     p.add_argument("--currency", default="EUR")
+    p.add_argument("--default-provider", default=None,
+                   help="carrier for rows without a provider column (A2Billing exports name trunks by id)")
     p.set_defaults(command=cmd_tariff_import)
 
     account = _Subparsers(sub.add_parser("account", help="accounts").add_subparsers(required=True,
@@ -152,7 +154,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_tariff_import(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with args.file.open(encoding="utf-8-sig", newline="") as fh:
-            entries, errors = parse_ratecard(fh)
+            entries, errors = parse_ratecard(fh, default_provider=args.default_provider)
     except OSError as exc:
         raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -160,7 +162,7 @@ async def cmd_tariff_import(args: argparse.Namespace, settings: Settings) -> int
     if errors:
         for err in errors[:50]:
             print(f"{args.file}:{err.line}: {err.column}: {err.message}", file=sys.stderr)
-        more = f" (first 50 shown)" if len(errors) > 50 else ""
+        more = " (first 50 shown)" if len(errors) > 50 else ""
         raise InputError(f"{len(errors)} bad row(s) in {args.file}{more}; nothing was imported")
     conn = await postgres.connect(settings.postgres.url)
     try:

@@ -15,6 +15,7 @@ import itertools
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -31,7 +32,7 @@ from a2bd.sim.agi import SimResult, make_environment, run_session
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_tariff.csv"
 DB = "a2bd_demo"
 REDIS_DB = 13
-ACCOUNTS = [
+ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
     # number, what it is, create_account fields
     ("2000000001", "pre-paid, 10.00", dict(initial_balance_micro=10_000_000, max_calls=20)),
     ("2000000002", "pre-paid, 0.10, 50 calls at once", dict(initial_balance_micro=100_000)),
@@ -99,7 +100,7 @@ async def burst(port: int) -> None:
         ("no rate for China", dict(dest="8613912345678", accountcode="2000000001")),
     ]
     for label, kw in cases:
-        r = await call(str(kw.pop("dest")), **kw)  # type: ignore[arg-type]
+        r = await call(str(kw.pop("dest")), **kw)
         v = r.variables
         detail = (f"limit {int(v['A2B_LIMIT_MS']) / 1000:.0f} s via {v['A2B_ROUTE_1']}"
                   + (f" (+{int(v['A2B_ROUTES']) - 1} failover)" if int(v["A2B_ROUTES"]) > 1 else "")
@@ -128,7 +129,8 @@ async def burst(port: int) -> None:
     elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=100)
     print(f"  {total / elapsed:,.0f} sessions/s, session latency p50 {q[49] * 1000:.2f} ms, "
-          f"p99 {q[98] * 1000:.2f} ms (simulated Asterisk and daemon share one event loop here;\n  bench/agi_authorize.py measures them apart)")
+          f"p99 {q[98] * 1000:.2f} ms "
+          "(simulated Asterisk and daemon share one event loop here;\n  bench/agi_authorize.py measures them apart)")
     print(f"  answers: {dict(statuses)}")
 
 

@@ -178,7 +178,8 @@ class RedisStore:
         count = 0
         for acct in accounts:
             number = acct["number"]
-            pipe.hset(account_key(number), mapping=account_to_hash(acct))
+            fields: dict[Any, Any] = account_to_hash(acct)  # redis-py's Mapping type is invariant in str
+            pipe.hset(account_key(number), mapping=fields)
             for callerid in acct.get("callerids") or ():
                 pipe.set(callerid_key(callerid), number)
             if acct.get("pin"):

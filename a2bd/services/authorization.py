@@ -142,8 +142,10 @@ class Authorizer:
         for _ in range(agi.pin_attempts):
             if session.hungup:
                 return None
+            # GET DATA returns when the caller has keyed the PIN or after pin_timeout_ms of silence.
             reply = await session.command("GET", "DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
-                                          str(agi.pin_max_digits))
+                                          str(agi.pin_max_digits),
+                                          timeout_s=agi.pin_timeout_ms / 1000 + agi.command_timeout_s)
             digits = reply.result or ""
             if digits.isdigit():
                 number = await self._redis(self.store.number_for_pin(digits))

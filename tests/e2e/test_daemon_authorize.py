@@ -16,7 +16,14 @@ from structlog.testing import capture_logs
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
-from a2bd.config import AgiSettings, BillingSettings, MetricsSettings, PostgresSettings, RedisSettings, Settings
+from a2bd.config import (
+    AgiSettings,
+    BillingSettings,
+    MetricsSettings,
+    PostgresSettings,
+    RedisSettings,
+    Settings,
+)
 from a2bd.daemon import Daemon
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import SellRate, cost_micro, max_duration_s
@@ -29,7 +36,7 @@ SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_tariff.csv"
 _ids = itertools.count(1)
 
 
-def NOW_MS() -> int:  # noqa: N802 - reads like the constant it stands for
+def NOW_MS() -> int:
     return int(time.time() * 1000)
 
 

@@ -87,6 +87,17 @@ async def test_bad_ratecard_reports_lines_and_imports_nothing(pg: asyncpg.Connec
     assert await pg.fetchval("SELECT count(*) FROM rates") == 11  # the previous card is intact
 
 
+async def test_default_provider_fills_rows_without_one(pg: asyncpg.Connection, store: RedisStore,
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    card = tmp_path / "a2billing-export.csv"
+    card.write_text("id,idtariffplan,dialprefix,destination,rateinitial,id_trunk\n1,1,44,UK,0.01,3\n")
+    assert await a2bd("tariff", "import", str(card), "--tariff", "export", "--default-provider", "carrier-b") == 0
+    providers = await pg.fetch("SELECT p.name FROM rates r JOIN providers p ON p.id = r.provider_id"
+                               " JOIN tariffs t ON t.id = r.tariff_id WHERE t.name = 'export'")
+    assert [r["name"] for r in providers] == ["carrier-b"]
+
+
 async def test_import_naming_an_unknown_provider_is_refused(pg: asyncpg.Connection, store: RedisStore,
                                                            tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
