@@ -42,7 +42,7 @@ from a2bd.domain.authorize import (
     plan,
     refuse,
 )
-from a2bd.errors import StoreUnavailable
+from a2bd.errors import ProtocolError, StoreUnavailable
 from a2bd.observability import AUTHORIZATIONS, AUTHORIZE_SECONDS
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
 
@@ -118,7 +118,13 @@ class Authorizer:
             )
         except StoreUnavailable as exc:
             decision = self._unavailable(number, destination, str(exc))
-        await session.execute(*answer_commands(decision))
+        try:
+            await session.execute(*answer_commands(decision))
+        except (ProtocolError, TimeoutError):
+            # Asterisk never got the answer, so the call will not be placed: free its slot and hold.
+            if decision.ok and decision.account:
+                await self._release(decision.account, call_id)
+            raise
         elapsed = time.perf_counter() - started
         AUTHORIZE_SECONDS.observe(elapsed)
         AUTHORIZATIONS.labels(decision.status.value).inc()
@@ -127,10 +133,13 @@ class Authorizer:
                  reason=decision.reason, ms=round(elapsed * 1000, 3))
         if session.hungup and decision.ok and decision.account:
             # The caller left during the AGI: this call will never dial, so it must not hold a slot.
-            try:
-                await self._redis(self.store.release(decision.account, call_id))
-            except StoreUnavailable as exc:
-                log.warning("could not release a reservation; it will expire", call=call_id, error=str(exc))
+            await self._release(decision.account, call_id)
+
+    async def _release(self, number: str, call_id: str) -> None:
+        try:
+            await self._redis(self.store.release(number, call_id))
+        except StoreUnavailable as exc:
+            log.warning("could not release a reservation; it will expire", call=call_id, error=str(exc))
 
     async def _identify(self, session: AgiSession) -> str | None:
         env = session.env

@@ -179,6 +179,28 @@ async def test_a_caller_who_hung_up_during_the_agi_holds_no_slot(daemon: Daemon,
     assert await store.live_calls("1000000001", NOW_MS()) == {}
 
 
+async def test_an_answer_asterisk_never_read_frees_the_slot(daemon: Daemon, store: RedisStore) -> None:
+    from a2bd.sim.agi import encode_environment
+
+    assert daemon.agi is not None
+    env = make_environment(uniqueid="1795374825.999", channel="Local/33123456789@billing-000003e7;2",
+                           extension="33123456789", accountcode="1000000001", port=daemon.agi.port)
+    eof_before = REGISTRY.get_sample_value("a2bd_agi_rejected_total", {"reason": "eof"}) or 0.0
+    _, writer = await asyncio.open_connection("127.0.0.1", daemon.agi.port)
+    writer.write(encode_environment(env))
+    writer.close()  # gone before any reply: the server reads EOF where it expects "200 result=1"
+    await writer.wait_closed()
+    for _ in range(100):  # bounded wait for the session to end on that EOF
+        if (REGISTRY.get_sample_value("a2bd_agi_rejected_total", {"reason": "eof"}) or 0.0) > eof_before:
+            break
+        await asyncio.sleep(0.02)
+    assert (REGISTRY.get_sample_value("a2bd_agi_rejected_total", {"reason": "eof"}) or 0.0) == eof_before + 1
+    assert await store.live_calls("1000000001", NOW_MS()) == {}
+    # the slot is free again: two more calls fit in max_calls=2
+    results = await asyncio.gather(*(call(daemon, "33123456789", accountcode="1000000001") for _ in range(2)))
+    assert [r.variables["A2B_STATUS"] for r in results] == ["OK", "OK"]
+
+
 async def test_no_route_when_every_carrier_is_over_its_limit(daemon: Daemon, store: RedisStore) -> None:
     await store.client.hset("a2b:prov:carrier-a", mapping={"balance": "100", "balance_limit": "100"})
     await store.client.hset("a2b:prov:carrier-b", "enabled", "0")
