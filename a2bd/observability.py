@@ -39,6 +39,11 @@ TARIFF_PREFIXES = Gauge("a2bd_tariff_prefixes", "Prefixes held in memory, by tar
 TARIFF_RELOADS = Counter("a2bd_tariff_reloads", "Tariff reloads from PostgreSQL", registry=REGISTRY)
 
 
+def _stderr_logger(*_: object) -> structlog.PrintLogger:
+    # sys.stderr as it is now, not as it was at configuration (a test runner swaps it per test).
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure_logging(level: str = "info", json: bool = False) -> None:
     """structlog to stderr: key=value for people, JSON for journald/Loki when `json` is set."""
     renderer: structlog.types.Processor = (
@@ -53,7 +58,7 @@ def configure_logging(level: str = "info", json: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         # Not cached: a cached logger ignores later configuration, which would blind
         # structlog.testing.capture_logs() in every test that runs after a CLI test.
         cache_logger_on_first_use=False,

@@ -18,15 +18,18 @@ Money is integer micro-units in decimal text. Every call is bounded by the clien
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from a2bd.adapters.redis_mux import RedisMux
 from a2bd.domain.authorize import (
     AccountStatus,
     AccountView,
@@ -73,26 +76,29 @@ PROVIDERS_KEY = "a2b:providers"
 
 
 class Script:
-    """A Lua file of adapters/lua, loaded once and called by SHA (reloaded if Redis forgot it)."""
+    """A Lua file of adapters/lua, loaded once and called by SHA (loaded again if Redis forgot it)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.source = resources.files("a2bd.adapters").joinpath("lua", f"{name}.lua").read_text()
-        self.sha: str | None = None
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
-    async def __call__(self, client: aioredis.Redis, keys: list[str], args: list[Any]) -> Any:
-        if self.sha is None:
-            self.sha = await client.script_load(self.source)
+    async def __call__(self, mux: RedisMux, keys: list[str], args: list[str | int]) -> Any:
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted or SCRIPT FLUSH: load again, once
-            self.sha = await client.script_load(self.source)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+            return await mux.execute("EVALSHA", self.sha, len(keys), *keys, *args)
+        except hiredis.ReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        await mux.execute("SCRIPT", "LOAD", self.source)  # Redis restarted or SCRIPT FLUSH: once more
+        return await mux.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
 class RedisStore:
-    def __init__(self, client: aioredis.Redis) -> None:
+    """`client` (redis-py) for everything but the authorization path, which goes through `mux`."""
+
+    def __init__(self, client: aioredis.Redis, mux: RedisMux) -> None:
         self.client = client
+        self.mux = mux
         self._reserve = Script("reserve")
         self._release = Script("release")
 
@@ -104,47 +110,55 @@ class RedisStore:
             url, max_connections=max_connections, timeout=timeout_s, socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s, decode_responses=True, health_check_interval=30,
         )
-        return cls(aioredis.Redis.from_pool(pool))  # the client owns the pool and closes it
+        client = aioredis.Redis.from_pool(pool)  # the client owns the pool and closes it
+        return cls(client, RedisMux(url, timeout_s))
 
     async def close(self) -> None:
+        self.mux.close()
         await self.client.aclose()
 
     async def ping(self) -> None:
         """Check Redis answers and load the scripts, so the first call pays no SCRIPT LOAD."""
         await self._guard(self.client.ping())
         for script in (self._reserve, self._release):
-            script.sha = await self._guard(self.client.script_load(script.source))
+            await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
 
     async def _guard(self, awaitable: Any) -> Any:
         try:
             return await awaitable
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
-        except RedisError as exc:
+        except (RedisError, hiredis.ReplyError) as exc:
             raise StoreUnavailable(f"Redis error: {exc}") from exc
 
-    # -- authorization path ---------------------------------------------------------------------
+    # -- authorization path (one connection, commands in flight together) -----------------------
 
     async def account(self, number: str) -> AccountView | None:
-        data: dict[str, str] = await self._guard(self.client.hgetall(account_key(number)))
-        return account_from_hash(data) if data else None
+        flat: list[str] = await self._guard(self.mux.execute("HGETALL", account_key(number)))
+        return account_from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
 
     async def number_for_callerid(self, callerid: str) -> str | None:
-        number: str | None = await self._guard(self.client.get(callerid_key(callerid)))
+        number: str | None = await self._guard(self.mux.execute("GET", callerid_key(callerid)))
         return number
 
     async def number_for_pin(self, pin: str) -> str | None:
-        number: str | None = await self._guard(self.client.get(pin_key(pin)))
+        number: str | None = await self._guard(self.mux.execute("GET", pin_key(pin)))
         return number
 
     async def reserve(
         self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int
     ) -> Reservation:
         reply = await self._guard(
-            self._reserve(self.client, live_keys(number), [call_id, hold_micro, now_ms, expires_ms])
+            self._reserve(self.mux, live_keys(number), [call_id, hold_micro, now_ms, expires_ms])
         )
         outcome, credit, live = reply
         return Reservation(ReserveOutcome(outcome), int(credit), int(live))
+
+    async def release(self, number: str, call_id: str) -> bool:
+        """Drop a reservation whose call will never be billed (the caller hung up during the AGI)."""
+        return bool(await self._guard(self._release(self.mux, live_keys(number), [call_id])))
+
+    # -- reads for operators and routing ----------------------------------------------------------
 
     async def providers(self) -> dict[str, ProviderState]:
         names: set[str] = await self._guard(self.client.smembers(PROVIDERS_KEY))
@@ -156,10 +170,6 @@ class RedisStore:
             pipe.hgetall(provider_key(name))
         rows = await self._guard(pipe.execute())
         return {name: provider_from_hash(row) for name, row in zip(ordered, rows, strict=True) if row}
-
-    async def release(self, number: str, call_id: str) -> bool:
-        """Drop a reservation whose call will never be billed (the caller hung up during the AGI)."""
-        return bool(await self._guard(self._release(self.client, live_keys(number), [call_id])))
 
     async def live_calls(self, number: str, now_ms: int) -> dict[str, int]:
         """Live (unexpired) reservations of an account: call id -> hold in micro-units."""
