@@ -63,39 +63,74 @@ class Match:
     entries: tuple[RateEntry, ...]  # every active entry of the matched prefix
 
 
+def _always_active(entry: RateEntry) -> bool:
+    return (entry.week_start_min, entry.week_end_min) == (0, WEEK_MINUTES - 1) and (
+        entry.start_date is None and entry.stop_date is None
+    )
+
+
+def _key(prefix: str) -> int:
+    # A leading 1 keeps "044" and "44" apart; a shorter prefix of the same number is then key // 10.
+    return int("1" + prefix)
+
+
 @dataclass(slots=True)
 class Tariff:
-    """One tariff (rate card). Build with `Tariff.build(name, entries)`; read-only afterwards."""
+    """One tariff (rate card). Build with `Tariff.build(name, entries)`; read-only afterwards.
+
+    `index` maps each prefix (as an int key, see _key) to its Match when every entry of the prefix is
+    active at all times (nearly all of a real card: built once, returned as is), or to its entries when
+    some have a time window or dates (filtered at lookup). A lookup probes the number's prefixes from
+    the longest with one integer division each: a few dictionary probes, no string slicing.
+    """
 
     name: str
-    by_prefix: dict[str, tuple[RateEntry, ...]] = field(default_factory=dict)
+    index: dict[int, Match | tuple[RateEntry, ...]] = field(default_factory=dict)
     max_prefix_len: int = 0
 
     @classmethod
     def build(cls, name: str, entries: Iterable[RateEntry]) -> Tariff:
+        """Group `entries` by prefix, keeping their order (the first one names the destination)."""
         grouped: dict[str, list[RateEntry]] = {}
         for entry in entries:
-            grouped.setdefault(entry.prefix, []).append(entry)
-        by_prefix = {prefix: tuple(group) for prefix, group in grouped.items()}
-        longest = max((len(p) for p in by_prefix), default=0)
-        return cls(name=name, by_prefix=by_prefix, max_prefix_len=longest)
+            group = grouped.get(entry.prefix)
+            if group is None:
+                grouped[entry.prefix] = [entry]
+            else:
+                group.append(entry)
+        index: dict[int, Match | tuple[RateEntry, ...]] = {}
+        longest = 0
+        for prefix, group in grouped.items():
+            first = group[0]
+            if all(_always_active(e) for e in group):
+                index[_key(prefix)] = Match(prefix, first.destination, first.sell, tuple(group))
+            else:
+                index[_key(prefix)] = tuple(group)
+            longest = max(longest, len(prefix))
+        return cls(name=name, index=index, max_prefix_len=longest)
 
     def __len__(self) -> int:
-        return len(self.by_prefix)
+        return len(self.index)
 
     def lookup(self, number: str, at: datetime) -> Match | None:
-        """The longest prefix of `number` with an entry active at `at` (the account's local time)."""
-        minute = minute_of_week(at)
-        day = at.date()
-        probe = self.by_prefix.get
-        for length in range(min(len(number), self.max_prefix_len), 0, -1):
-            candidates = probe(number[:length])
-            if candidates is None:
-                continue
-            active = tuple(e for e in candidates if e.active_at(minute, day))
-            if active:
-                first = active[0]
-                return Match(first.prefix, first.destination, first.sell, active)
+        """The longest prefix of `number` (ASCII digits) with an entry active at `at` (the account's
+        local time); None when nothing matches or `number` is not ASCII digits."""
+        if not (number.isascii() and number.isdigit()):
+            return None  # int() would read other scripts' digits as 0-9
+        probe = self.index.get
+        key = _key(number[: self.max_prefix_len])
+        while key > 1:
+            found = probe(key)
+            if found is not None:
+                if type(found) is Match:
+                    return found
+                assert isinstance(found, tuple)
+                minute, day = minute_of_week(at), at.date()
+                active = tuple(e for e in found if e.active_at(minute, day))
+                if active:
+                    first = active[0]
+                    return Match(first.prefix, first.destination, first.sell, active)
+            key //= 10
         return None
 
 

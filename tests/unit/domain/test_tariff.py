@@ -43,17 +43,15 @@ def test_minute_of_week(when: datetime, minute: int) -> None:
     assert minute_of_week(when) == minute
 
 
-PREFIXES = Tariff.build(
-    "retail",
-    [
-        entry("1", 10_000),
-        entry("44", 20_000),
-        entry("447", 70_000),
-        entry("4479", 79_000),
-        entry("33", 30_000),
-        entry("331", 31_000),
-    ],
-)
+RETAIL = [
+    entry("1", 10_000),
+    entry("44", 20_000),
+    entry("447", 70_000),
+    entry("4479", 79_000),
+    entry("33", 30_000),
+    entry("331", 31_000),
+]
+PREFIXES = Tariff.build("retail", RETAIL)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +80,7 @@ def test_longest_prefix_wins(number: str, prefix: str | None) -> None:
         assert match is not None
         assert match.prefix == prefix
         assert match.destination == f"dest {prefix}"
-        assert match.sell == PREFIXES.by_prefix[prefix][0].sell
+        assert match.sell == next(e.sell for e in RETAIL if e.prefix == prefix)
 
 
 def test_build_groups_by_prefix_and_measures_the_longest() -> None:
@@ -92,36 +90,46 @@ def test_build_groups_by_prefix_and_measures_the_longest() -> None:
     assert Tariff.build("empty", []).lookup("44", at(5)) is None
 
 
-class CountingDict(dict[str, tuple[RateEntry, ...]]):
-    def __init__(self, contents: dict[str, tuple[RateEntry, ...]]) -> None:
+class CountingDict(dict[int, object]):
+    def __init__(self, contents: dict[int, object]) -> None:
         super().__init__(contents)
-        self.probes: list[str] = []
+        self.probes: list[int] = []
 
-    def get(self, key: str, default: object = None) -> object:  # type: ignore[override]
+    def get(self, key: int, default: object = None) -> object:  # type: ignore[override]
         self.probes.append(key)
         return super().get(key, default)
 
 
 def test_lookup_probes_no_longer_than_max_prefix_len() -> None:
     tariff = Tariff.build("t", [entry("44", 1), entry("4420", 2)])
-    probes = CountingDict(tariff.by_prefix)
-    tariff.by_prefix = probes
+    probes = CountingDict(dict(tariff.index))
+    tariff.index = probes  # type: ignore[assignment]
     match = tariff.lookup("442071234567890", at(5))
     assert match is not None and match.prefix == "4420"
-    assert probes.probes == ["4420"]  # started at 4 digits, not 15
+    assert probes.probes == [14420]  # started at 4 digits, not 15 (keys carry a leading 1)
 
     probes.probes.clear()
     assert tariff.lookup("449", at(5)) is not None
-    assert probes.probes == ["449", "44"]  # a number shorter than max_prefix_len starts at its own length
+    assert probes.probes == [1449, 144]  # a number shorter than max_prefix_len starts at its own length
 
 
 def test_max_prefix_len_is_honoured() -> None:
     # A prefix longer than max_prefix_len is never probed (build sets it; this shows lookup obeys it).
-    tariff = Tariff(
-        name="t", by_prefix={"44": (entry("44", 1),), "44207": (entry("44207", 2),)}, max_prefix_len=3
-    )
+    tariff = Tariff.build("t", [entry("44", 1), entry("44207", 2)])
+    tariff.max_prefix_len = 3
     match = tariff.lookup("442071234", at(5))
     assert match is not None and match.prefix == "44"
+
+
+def test_leading_zeros_are_distinct_prefixes() -> None:
+    tariff = Tariff.build("t", [entry("44", 1), entry("044", 2), entry("0", 3)])
+    assert [tariff.lookup(n, at(5)).prefix for n in ("4412", "04412", "0912")] == ["44", "044", "0"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("number", ["", "44a1", "\u0664\u0664123", "+4412", " 4412"])
+def test_anything_but_ascii_digits_matches_nothing(number: str) -> None:
+    # Arabic-Indic digits would read as 4412 through int(): they must not reach the index.
+    assert Tariff.build("t", [entry("44", 1)]).lookup(number, at(5)) is None
 
 
 WEEKDAYS = entry("44", 100, week_start_min=0, week_end_min=5 * DAY - 1)  # Monday 00:00 .. Friday 23:59
