@@ -1,7 +1,9 @@
 """A TCP proxy on loopback that a test can cut, as asyncpg's test_adversity does to a real server.
 
 `refuse()` drops every connection and closes the listening port (connection refused); `blackhole()`
-keeps accepting but forwards nothing (the peer stalls until its timeout); `restore()` forwards again.
+keeps accepting but forwards nothing (the peer stalls until its timeout); `stall()` keeps the open
+connections but holds every byte (a server that stops answering mid-conversation); `restore()` forwards
+again, delivering what was held.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ class TcpProxy:
         self._mode = "forward"
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
@@ -41,6 +45,7 @@ class TcpProxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(65536):
+                await self._flowing.wait()  # held while stalled
                 if self._mode != "forward":
                     break
                 writer.write(data)
@@ -70,8 +75,12 @@ class TcpProxy:
         if self._server is None:
             await self.start()
 
+    def stall(self) -> None:
+        self._flowing.clear()
+
     async def restore(self) -> None:
         self._mode = "forward"
+        self._flowing.set()
         if self._server is None:
             await self.start()
 
