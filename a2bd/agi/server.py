@@ -37,7 +37,8 @@ class AgiSession:
     ``malformed``) after execute() raised because of Asterisk, else None.
     """
 
-    __slots__ = ("_reader", "_replies", "_timeout_s", "_writer", "env", "failure", "hungup", "peer")
+    __slots__ = ("_limit", "_pending", "_reader", "_replies", "_timeout_s", "_writer", "env", "failure", "hungup",
+                 "peer")
 
     def __init__(
         self,
@@ -46,6 +47,7 @@ class AgiSession:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         command_timeout_s: float,
+        limit: int = 16384,
     ) -> None:
         self.env = env
         self.peer = peer
@@ -55,6 +57,8 @@ class AgiSession:
         self._writer = writer
         self._timeout_s = command_timeout_s
         self._replies = ReplyReader()
+        self._pending = b""
+        self._limit = limit
 
     async def execute(self, *commands: bytes, timeout_s: float | None = None) -> list[AgiReply]:
         """Send `commands` (each one LF-terminated line, see protocol.format_command) and return one reply
@@ -80,7 +84,7 @@ class AgiSession:
         bound = self._timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(bound):
-                return [await self._read_reply() for _ in commands]
+                return await self._read_replies(len(commands))
         except TimeoutError as exc:
             self.failure = "timeout"
             raise TimeoutError(f"no reply from Asterisk within {bound} s") from exc
@@ -89,29 +93,47 @@ class AgiSession:
         """Format one command from `words` (quoted as needed), send it and return its reply."""
         return (await self.execute(format_command(*words), timeout_s=timeout_s))[0]
 
-    async def _read_reply(self) -> AgiReply:
-        reader, replies = self._reader, self._replies
+    async def _read_replies(self, count: int) -> list[AgiReply]:
+        # The replies to a pipelined batch arrive together: read what is there and split it into lines,
+        # rather than one readuntil() (and one trip through the event loop) per line. Bytes after the
+        # last reply (a HANGUP) wait in _pending for the next batch.
+        replies: list[AgiReply] = []
+        feed = self._replies.feed_line
+        buffer = self._pending
         try:
             while True:
-                line = await reader.readuntil(b"\n")
-                event = replies.feed_line(line[:-1])
-                if event is None:
-                    continue  # inside a 520- usage block
-                if isinstance(event, Hangup):
-                    self.hungup = True
-                    continue
-                return event
-        except asyncio.IncompleteReadError as exc:
-            self.failure = "eof"
-            raise ProtocolError("Asterisk closed the connection before replying", exc.partial) from exc
-        except asyncio.LimitOverrunError as exc:
-            self.failure = "overrun"
-            raise ProtocolError("AGI reply line is longer than the stream limit (agi.max_env_bytes)") from exc
+                start = 0
+                while len(replies) < count:
+                    end = buffer.find(b"\n", start)
+                    if end < 0:
+                        break
+                    event = feed(buffer[start:end])
+                    start = end + 1
+                    if event is None:
+                        continue  # inside a 520- usage block
+                    if isinstance(event, Hangup):
+                        self.hungup = True
+                        continue
+                    replies.append(event)
+                buffer = buffer[start:]
+                if len(replies) == count:
+                    self._pending = buffer
+                    return replies
+                if len(buffer) > self._limit:
+                    self.failure = "overrun"
+                    raise ProtocolError("AGI reply line is longer than the stream limit (agi.max_env_bytes)",
+                                        buffer[:120])
+                chunk = await self._reader.read(65536)
+                if not chunk:
+                    self.failure = "eof"
+                    raise ProtocolError("Asterisk closed the connection before replying", buffer)
+                buffer += chunk
         except ConnectionError as exc:
             self.failure = "eof"
             raise ProtocolError(f"AGI connection lost while waiting for a reply: {exc}") from exc
         except ProtocolError:
-            self.failure = "malformed"
+            if self.failure is None:
+                self.failure = "malformed"
             raise
 
 
@@ -283,7 +305,7 @@ class AgiServer:
             self._reject("unknown_script", peer, script=script[:100], uniqueid=env.uniqueid[:64])
             return
         AGI_SESSIONS.labels(script).inc()
-        session = AgiSession(env, peer, reader, writer, settings.command_timeout_s)
+        session = AgiSession(env, peer, reader, writer, settings.command_timeout_s, settings.max_env_bytes)
         try:
             await handler(session)
         except Exception as exc:  # a handler bug ends its own call only; CancelledError passes through

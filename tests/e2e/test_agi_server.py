@@ -443,8 +443,12 @@ async def test_silent_asterisk_times_out_the_command() -> None:
 
 @pytest.mark.parametrize(
     ("answer", "reason"),
-    [(b"200 result=1\n", "eof"), (b"200 result=1\nthis is not a reply\n", "malformed")],
-    ids=["eof", "malformed"],
+    [
+        (b"200 result=1\n", "eof"),
+        (b"200 result=1\nthis is not a reply\n", "malformed"),
+        (b"200 result=1\n200 result=1 (" + b"x" * 3000, "overrun"),  # a line past max_env_bytes (2048)
+    ],
+    ids=["eof", "malformed", "overrun"],
 )
 async def test_broken_asterisk_mid_session(answer: bytes, reason: str) -> None:
     queue: Queue = asyncio.Queue()
@@ -468,6 +472,27 @@ async def test_broken_asterisk_mid_session(answer: bytes, reason: str) -> None:
     assert failure == reason
     assert isinstance(exc, ProtocolError)
     assert rejected(reason) == before + 1
+
+
+async def test_replies_split_anywhere_across_reads() -> None:
+    """Replies, a HANGUP and a 520 block dribbled one byte per TCP write still pair with the commands."""
+    queue: Queue = asyncio.Queue()
+    commands = (*ANSWER, format_command("GET", "VARIABLE"), format_command("GET", "VARIABLE", "X"))
+    answer = (b"200 result=1\nHANGUP\n200 result=1\n200 result=1\n520-Invalid command syntax.  Proper usage"
+              b" follows:\nUsage: GET VARIABLE <variablename>\n520 End of proper usage.\n200 result=1 (a b)\n")
+    async with serving({"authorize": answering(queue, commands)}) as server, raw_client(server) as (reader, writer):
+        writer.write(encode_environment(environment()))
+        async with asyncio.timeout(1):
+            await reader.readexactly(len(b"".join(commands)))
+        for i in range(len(answer)):
+            writer.write(answer[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        async with asyncio.timeout(2):
+            seen = await queue.get()
+    assert [r.code for r in seen.replies] == [200, 200, 200, 520, 200]
+    assert seen.replies[4].data == "a b"
+    assert seen.hungup is True
 
 
 async def test_execute_refuses_a_command_that_is_not_one_line() -> None:
