@@ -5,7 +5,9 @@ Redis Cluster):
 
     a2b:{acct:N}           hash   number, status, tariff, balance, credit_limit, max_calls, expires_at,
                                   restrict_mode, restrict_prefixes (comma-separated), timezone, currency,
-                                  held (sum of the live calls' holds: written only by the Lua scripts)
+                                  held (sum of the live calls' holds: written only by the Lua scripts),
+                                  v (version: bumped by every load from PostgreSQL, so a daemon that
+                                  keeps the account's static fields in memory knows when they changed)
     a2b:{acct:N}:calls     hash   live calls: call id -> hold_micro
     a2b:{acct:N}:expiry    zset   live calls by expiry (Unix ms): a call never settled stops counting
     a2b:cid:<callerid>     string account number owning this caller ID
@@ -133,9 +135,17 @@ class RedisStore:
 
     # -- authorization path (one connection, commands in flight together) -----------------------
 
-    async def account(self, number: str) -> AccountView | None:
+    async def account(self, number: str) -> tuple[AccountView, str] | None:
+        """The account and its version, or None when Redis does not know it."""
         flat: list[str] = await self._guard(self.mux.execute("HGETALL", account_key(number)))
-        return account_from_hash(dict(zip(flat[::2], flat[1::2], strict=True))) if flat else None
+        if not flat:
+            return None
+        data = dict(zip(flat[::2], flat[1::2], strict=True))
+        return account_from_hash(data), data.get("v", "")
+
+    async def account_version(self, number: str) -> str | None:
+        version: str | None = await self._guard(self.mux.execute("HGET", account_key(number), "v"))
+        return version
 
     async def number_for_callerid(self, callerid: str) -> str | None:
         number: str | None = await self._guard(self.mux.execute("GET", callerid_key(callerid)))
@@ -146,12 +156,16 @@ class RedisStore:
         return number
 
     async def reserve(
-        self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int
-    ) -> Reservation:
+        self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int, version: str = ""
+    ) -> Reservation | None:
+        """Reserve atomically (reserve.lua). None: the account is no longer at `version`; nothing was
+        reserved."""
         reply = await self._guard(
-            self._reserve(self.mux, live_keys(number), [call_id, hold_micro, now_ms, expires_ms])
+            self._reserve(self.mux, live_keys(number), [call_id, hold_micro, now_ms, expires_ms, version])
         )
         outcome, credit, live = reply
+        if outcome == "STALE":
+            return None
         return Reservation(ReserveOutcome(outcome), int(credit), int(live))
 
     async def release(self, number: str, call_id: str) -> bool:
@@ -190,6 +204,7 @@ class RedisStore:
             number = acct["number"]
             fields: dict[Any, Any] = account_to_hash(acct)  # redis-py's Mapping type is invariant in str
             pipe.hset(account_key(number), mapping=fields)
+            pipe.hincrby(account_key(number), "v", 1)
             for callerid in acct.get("callerids") or ():
                 pipe.set(callerid_key(callerid), number)
             if acct.get("pin"):

@@ -1,19 +1,19 @@
 """The `authorize` FastAGI route: identify the account, decide, reserve atomically, answer.
 
-Per call: at most one Redis read to identify (caller ID or PIN), one HGETALL of the account, one EVALSHA
-of reserve.lua; tariffs and carriers come from memory. PostgreSQL is never touched on this path. When
-Redis cannot answer within its timeout the call fails closed (A2B_STATUS=ERROR), unless the operator set
-a fail-open limit and the account was last seen post-paid.
+Per call, for an account seen before: one EVALSHA of reserve.lua (plus a GET to identify a caller by
+caller ID or PIN); tariffs, carriers and the account's static fields come from memory, and the script
+refuses to reserve against a version of the account that is no longer current. PostgreSQL is never
+touched on this path. When Redis cannot answer within redis.timeout_s (bounded by the Redis clients
+themselves) the call fails closed (A2B_STATUS=ERROR), unless the operator set a fail-open limit and
+the account was last seen post-paid.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
-from typing import TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -47,8 +47,7 @@ from a2bd.observability import AUTHORIZATIONS, AUTHORIZE_SECONDS
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
 
 log = structlog.get_logger("a2bd.authorize")
-T = TypeVar("T")
-_FAIL_OPEN_MEMORY = 100_000  # accounts remembered for fail-open; the oldest is forgotten first
+_ACCOUNT_MEMORY = 100_000  # accounts kept in memory; the oldest is forgotten first
 _BY_STATUS = {status: AUTHORIZATIONS.labels(status.value) for status in Status}  # .labels() costs a lookup
 
 
@@ -99,7 +98,8 @@ class Authorizer:
         self.providers = providers
         self.settings = settings
         self.clock = clock
-        self._last_seen: dict[str, AccountView] = {}
+        # Accounts seen lately, with their version: the fast path, and fail-open's memory.
+        self._accounts: dict[str, tuple[AccountView, str]] = {}
 
     # -- the FastAGI route ----------------------------------------------------------------------
 
@@ -141,14 +141,14 @@ class Authorizer:
 
     async def _release(self, number: str, call_id: str) -> None:
         try:
-            await self._redis(self.store.release(number, call_id))
+            await self.store.release(number, call_id)
         except StoreUnavailable as exc:
             log.warning("could not release a reservation; it will expire", call=call_id, error=str(exc))
 
     async def _identify(self, session: AgiSession) -> str | None:
         env = session.env
         if env.callerid and env.callerid.isdigit():
-            number = await self._redis(self.store.number_for_callerid(env.callerid))
+            number = await self.store.number_for_callerid(env.callerid)
             if number:
                 return number
         agi = self.settings.agi
@@ -161,7 +161,7 @@ class Authorizer:
                                           timeout_s=agi.pin_timeout_ms / 1000 + agi.command_timeout_s)
             digits = reply.result or ""
             if digits.isdigit():
-                number = await self._redis(self.store.number_for_pin(digits))
+                number = await self.store.number_for_pin(digits)
                 if number:
                     return number
         return None
@@ -169,25 +169,45 @@ class Authorizer:
     # -- the decision -------------------------------------------------------------------------------
 
     async def authorize(self, number: str, destination: str, call_id: str) -> Decision:
-        """Decide and, when the answer is OK, hold the call's slot and first block in Redis."""
+        """Decide and, when the answer is OK, hold the call's slot and first block in Redis.
+
+        The account's static fields come from memory when its version is known: then the whole
+        decision is one Redis call (reserve.lua checks the version; STALE means read it again). A
+        refusal decided from memory is confirmed against the version before it is given.
+        """
         if not number.isascii() or not number.isdigit():
             return refuse(Status.NOACCOUNT, f"account code {number!r} is not an account number")
-        first = await self._plan(number, destination)
-        if isinstance(first, Decision):
-            return first
-        now_ms = int(self.clock() * 1000)
-        expires_ms = now_ms + (self.settings.billing.max_call_s + self.settings.billing.reservation_slack_s) * 1000
-        reservation = await self._redis(
-            self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms)
-        )
-        return finish(first, reservation, self.settings.billing.max_call_s)
+        known = self._accounts.get(number)
+        for _ in range(2):
+            if known is None:
+                known = await self._load_account(number)
+                if known is None:
+                    return refuse(Status.NOACCOUNT, f"account {number} is unknown")
+            account, version = known
+            first = self._plan(account, destination)
+            if isinstance(first, Decision):
+                if await self.store.account_version(number) == version:
+                    return first
+            else:
+                now_ms = int(self.clock() * 1000)
+                billing = self.settings.billing
+                expires_ms = now_ms + (billing.max_call_s + billing.reservation_slack_s) * 1000
+                reservation = await self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms,
+                                                       version)
+                if reservation is not None:
+                    return finish(first, reservation, billing.max_call_s)
+            known = None  # the account changed since it was read: read it again, once
+        raise StoreUnavailable(f"account {number} changed twice during one authorization")
 
     async def explain(self, number: str, destination: str) -> Decision:
         """What authorize would answer now, without reserving anything."""
-        first = await self._plan(number, destination)
+        known = await self._load_account(number)
+        if known is None:
+            return refuse(Status.NOACCOUNT, f"account {number} is unknown")
+        first = self._plan(known[0], destination)
         if isinstance(first, Decision):
             return first
-        calls = await self._redis(self.store.live_calls(number, int(self.clock() * 1000)))
+        calls = await self.store.live_calls(number, int(self.clock() * 1000))
         live = len(calls)
         credit = first.account.available_micro - sum(calls.values())
         max_calls = first.account.max_calls
@@ -199,32 +219,29 @@ class Authorizer:
             outcome = ReserveOutcome.OK
         return finish(first, Reservation(outcome, credit, live), self.settings.billing.max_call_s)
 
-    async def _plan(self, number: str, destination: str) -> Decision | Plan:
-        account = await self._redis(self.store.account(number))
-        if account is None:
-            return refuse(Status.NOACCOUNT, f"account {number} is unknown")
-        self._remember(account)
+    def _plan(self, account: AccountView, destination: str) -> Decision | Plan:
         now_local = datetime.fromtimestamp(self.clock(), _zone(account.timezone))
         return plan(account, destination, self.tariffs.get(account.tariff), self.providers.providers, now_local)
 
-    # -- when Redis cannot answer -------------------------------------------------------------------
+    async def _load_account(self, number: str) -> tuple[AccountView, str] | None:
+        """Read the account from Redis and remember it (bounded: the oldest is forgotten first)."""
+        known = await self.store.account(number)
+        memory = self._accounts
+        memory.pop(number, None)
+        if known is not None:
+            memory[number] = known
+            if len(memory) > _ACCOUNT_MEMORY:
+                del memory[next(iter(memory))]
+        return known
 
-    def _remember(self, account: AccountView) -> None:
-        if not self.settings.billing.fail_open_limit_ms:
-            return
-        memory = self._last_seen
-        memory.pop(account.number, None)
-        memory[account.number] = account
-        if len(memory) > _FAIL_OPEN_MEMORY:
-            del memory[next(iter(memory))]
+    # -- when Redis cannot answer -------------------------------------------------------------------
 
     def _unavailable(self, number: str | None, destination: str, why: str) -> Decision:
         limit_ms = self.settings.billing.fail_open_limit_ms
-        account = self._last_seen.get(number) if number and limit_ms else None
+        known = self._accounts.get(number) if number and limit_ms else None
+        account = known[0] if known is not None else None
         if account is not None and account.credit_limit_micro > 0:
-            now_local = datetime.fromtimestamp(self.clock(), _zone(account.timezone))
-            first = plan(account, destination, self.tariffs.get(account.tariff), self.providers.providers,
-                         now_local)
+            first = self._plan(account, destination)
             if isinstance(first, Plan):
                 log.warning("Redis unavailable; post-paid account let through (fail-open)",
                             account=number, limit_ms=limit_ms, error=why)
@@ -232,10 +249,3 @@ class Authorizer:
                                 limit_ms=min(limit_ms, self.settings.billing.max_call_s * 1000),
                                 routes=first.routes, plan=first)
         return refuse(Status.ERROR, f"cannot decide: {why}", number or "")
-
-    async def _redis(self, awaitable: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self.settings.redis.timeout_s):
-                return await awaitable
-        except TimeoutError as exc:
-            raise StoreUnavailable(f"Redis did not answer within {self.settings.redis.timeout_s} s") from exc

@@ -201,6 +201,39 @@ async def test_an_answer_asterisk_never_read_frees_the_slot(daemon: Daemon, stor
     assert [r.variables["A2B_STATUS"] for r in results] == ["OK", "OK"]
 
 
+async def test_a_known_account_costs_one_redis_command(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert daemon.store is not None
+    sent: list[str] = []
+    real = daemon.store.mux.execute
+
+    async def counting(*args: str | int | bytes) -> object:
+        sent.append(str(args[0]))
+        return await real(*args)
+
+    monkeypatch.setattr(daemon.store.mux, "execute", counting)
+    assert (await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"] == "OK"
+    assert sent == ["HGETALL", "EVALSHA"]  # first sight of the account
+    sent.clear()
+    assert (await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"] == "OK"
+    assert sent == ["EVALSHA"]
+
+
+async def test_a_status_change_is_seen_on_the_next_call(daemon: Daemon, pg: asyncpg.Connection,
+                                                        store: RedisStore) -> None:
+    from a2bd.services.sync import sync_redis
+
+    async def status() -> str:
+        return (await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"]
+
+    assert await status() == "OK"  # the daemon now remembers the account as active
+    await pg.execute("UPDATE accounts SET status = 'blocked' WHERE number = '1000000001'")
+    await sync_redis(pg, store)
+    assert await status() == "BLOCKED"  # reserve.lua saw the version move
+    await pg.execute("UPDATE accounts SET status = 'active' WHERE number = '1000000001'")
+    await sync_redis(pg, store)
+    assert await status() == "OK"  # a remembered refusal is checked against the version first
+
+
 async def test_no_route_when_every_carrier_is_over_its_limit(daemon: Daemon, store: RedisStore) -> None:
     await store.client.hset("a2b:prov:carrier-a", mapping={"balance": "100", "balance_limit": "100"})
     await store.client.hset("a2b:prov:carrier-b", "enabled", "0")

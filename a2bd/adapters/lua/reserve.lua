@@ -8,8 +8,11 @@
 -- ARGV[2]  hold in micro-units: what the call surely costs if answered (its first billed block)
 -- ARGV[3]  now, Unix milliseconds (the caller's clock: scripts replicate by effect but stay testable)
 -- ARGV[4]  expiry, Unix milliseconds: a reservation never settled stops counting after it
+-- ARGV[5]  the account version the caller decided on (field `v`, bumped by every load from PostgreSQL),
+--          or "" to skip the check
 --
--- Returns {outcome, credit_micro, live_calls}: outcome is OK, MAXCALLS, NOFUNDS or NOACCOUNT;
+-- Returns {outcome, credit_micro, live_calls}: outcome is OK, MAXCALLS, NOFUNDS, NOACCOUNT, or STALE when
+-- the account changed since the caller read it (nothing is reserved: read it again and retry);
 -- credit_micro is balance + credit limit less the holds of the account's OTHER live calls.
 -- Cost: O(log n) in the account's live calls, plus O(1) per expired reservation purged.
 -- Money fits Lua's doubles exactly up to 2^53 micro-units (9 billion units of currency).
@@ -19,9 +22,12 @@
 local acct, calls, expiry = KEYS[1], KEYS[2], KEYS[3]
 local call_id, hold, now = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 
-local fields = redis.call('HMGET', acct, 'balance', 'credit_limit', 'max_calls', 'held')
+local fields = redis.call('HMGET', acct, 'balance', 'credit_limit', 'max_calls', 'held', 'v')
 if not fields[1] then
   return {'NOACCOUNT', 0, 0}
+end
+if ARGV[5] ~= '' and ARGV[5] ~= fields[5] then
+  return {'STALE', 0, 0}
 end
 local held = tonumber(fields[4]) or 0
 

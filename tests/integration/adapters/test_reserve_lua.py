@@ -132,3 +132,16 @@ def test_account_hash_round_trip() -> None:
     assert view.restrict_prefixes == ("1900", "44")
     assert view.expires_at_s == 1893456000
     assert view.status.value == "blocked"
+
+
+async def test_a_stale_version_reserves_nothing(store: RedisStore) -> None:
+    number = await put_account(store, max_calls=1)
+    known = await store.account(number)
+    assert known is not None
+    _, version = known
+    assert version == await store.account_version(number) == "1"
+    await put_account(store, max_calls=1)  # a sync from PostgreSQL: version 2
+    assert await store.reserve(number, "ast1/1", 1, NOW, LATER, version) is None
+    assert await store.live_calls(number, NOW) == {}
+    fresh = await store.reserve(number, "ast1/1", 1, NOW, LATER, "2")
+    assert fresh is not None and fresh.outcome is ReserveOutcome.OK
