@@ -132,6 +132,12 @@ class AgiEnvironment:
         return tuple(args)
 
 
+def _raw(block: bytes, index: int) -> bytes:
+    """Line `index` of the block exactly as it came, for an error."""
+    line = block.split(b"\n")[index]
+    return line[:-1] if line.endswith(b"\r") else line
+
+
 def parse_environment(block: bytes) -> AgiEnvironment:
     """Parse the environment block: every byte up to and including the empty line that ends it.
 
@@ -143,26 +149,28 @@ def parse_environment(block: bytes) -> AgiEnvironment:
     a duplicate key, a block that does not end with an empty line, and a block without
     ``agi_network_script`` or ``agi_uniqueid``.
     """
-    lines = block.split(b"\n")
-    # A complete block ends "...\n\n", which splits into [..., b"", b""]. Asterisk sends LF only; a CR
-    # before each LF (some proxies add one) is tolerated.
-    if len(lines) < 2 or lines[-1] != b"" or lines[-2] not in (b"", b"\r"):
+    # One decode for the whole block (this runs once per call). Asterisk sends LF only; a CR before
+    # each LF (some proxies add one) is tolerated.
+    text = block.decode("utf-8", "replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
+    # A complete block ends "...\n\n", which splits into [..., "", ""].
+    if len(lines) < 2 or lines[-1] != "" or lines[-2] != "":
         raise ProtocolError("AGI environment does not end with an empty line", block[-120:])
     variables: dict[str, str] = {}
-    for raw in lines[:-2]:
-        line = raw[:-1] if raw.endswith(b"\r") else raw
-        text = line.decode("utf-8", "replace")
-        key, sep, value = text.partition(": ")
+    for index, line in enumerate(lines[:-2]):
+        key, sep, value = line.partition(": ")
         if not sep:
             # "agi_accountcode: " keeps its trailing space on the wire; a proxy that strips trailing
             # blanks turns it into "agi_accountcode:", which still means an empty value.
-            if not text.endswith(":") or ":" in text[:-1]:
-                raise ProtocolError("AGI environment line is not 'key: value'", raw)
-            key, value = text[:-1], ""
-        if not key.isascii() or not key.startswith("agi_"):
-            raise ProtocolError(f"AGI environment key {key!r} does not start with agi_", raw)
+            if not line.endswith(":") or ":" in line[:-1]:
+                raise ProtocolError("AGI environment line is not 'key: value'", _raw(block, index))
+            key, value = line[:-1], ""
+        if not key.startswith("agi_") or not key.isascii():
+            raise ProtocolError(f"AGI environment key {key!r} does not start with agi_", _raw(block, index))
         if key in variables:
-            raise ProtocolError(f"AGI environment key {key!r} appears twice", raw)
+            raise ProtocolError(f"AGI environment key {key!r} appears twice", _raw(block, index))
         variables[key] = value
     for required in ("agi_network_script", "agi_uniqueid"):
         if required not in variables:
@@ -285,6 +293,10 @@ def _reply(code: int, text: str, raw: bytes, usage: tuple[str, ...] = ()) -> Agi
     return AgiReply(code, None, None, (), text, usage, raw)
 
 
+_RESULT_1_LINE = b"200 result=1"
+_RESULT_1 = _reply(200, "result=1", _RESULT_1_LINE)
+
+
 class ReplyReader:
     """Turns reply lines into replies, one line at a time.
 
@@ -323,6 +335,8 @@ class ReplyReader:
             if self._block_size > MAX_USAGE_BYTES:
                 raise ProtocolError(f"AGI usage block longer than {MAX_USAGE_BYTES} bytes", line)
             return None
+        if line == _RESULT_1_LINE:
+            return _RESULT_1  # what every SET VARIABLE gets: the common case, parsed once
         if line == _HANGUP_LINE:
             return HANGUP
         code, text = _code_and_text(line)
@@ -354,6 +368,8 @@ def quote_word(word: str) -> str:
     stored ``say "hi" to Bob's phone, then wait``). CR, LF and NUL are refused: a newline would end the
     command early and let the rest of the word run as a second AGI command.
     """
+    if word.isalnum():
+        return word  # letters and digits only (statuses, numbers, limits): nothing to check or quote
     if _UNSAFE.search(word):
         raise ValueError(f"AGI command word contains CR, LF or NUL (it would inject a command): {word!r}")
     if word and not _NEEDS_QUOTES.search(word):
@@ -384,7 +400,12 @@ def set_variable(name: str, value: str) -> bytes:
     """``SET VARIABLE name value``: Asterisk answers ``200 result=1``. Raises ValueError as format_command."""
     if not name:
         raise ValueError("SET VARIABLE needs a variable name")
-    return format_command("SET", "VARIABLE", name, value)
+    # The answer to every call is a handful of these: skip format_command's generic checks, which
+    # cannot fail for four words, and keep only the length limit.
+    line = f"SET VARIABLE {quote_word(name)} {quote_word(value)}\n".encode()
+    if len(line) > MAX_COMMAND_BYTES:
+        return format_command("SET", "VARIABLE", name, value)  # raises with the full explanation
+    return line
 
 
 def get_variable(name: str) -> bytes:

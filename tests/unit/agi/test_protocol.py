@@ -427,3 +427,17 @@ def test_split_chunks_cuts_after_lines() -> None:
         assert b"".join(pieces) == block
         assert len(pieces) == min(n, block.count(b"\n"))
         assert all(p.endswith(b"\n") for p in pieces)
+
+
+@given(WORD.filter(bool), st.one_of(WORD, st.text(max_size=2100)))
+def test_set_variable_is_format_command(name: str, value: str) -> None:
+    # set_variable takes a shorter path (it runs for every line of every answer): same bytes, same refusals.
+    try:
+        expected: bytes | type[ValueError] = format_command("SET", "VARIABLE", name, value)
+    except ValueError:
+        expected = ValueError
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            set_variable(name, value)
+    else:
+        assert set_variable(name, value) == expected
