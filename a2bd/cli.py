@@ -21,7 +21,7 @@ from a2bd.adapters.redis_store import RedisStore
 from a2bd.config import Settings, load_settings
 from a2bd.domain.money import format_amount, parse_amount
 from a2bd.domain.ratecard import parse_ratecard
-from a2bd.errors import A2bdError, InputError
+from a2bd.errors import A2bdError, ConfigError, InputError
 from a2bd.observability import configure_logging
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.json)
         command: Command = args.command
-        return asyncio.run(command(args, settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings) if command is cmd_serve else None) as runner:
+            return runner.run(command(args, settings))
     except A2bdError as exc:
         print(f"a2bd: {exc}", file=sys.stderr)
         return 1
@@ -364,6 +365,20 @@ def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
         "company": record["company"],
         "email": record["email"],
     }
+
+
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    choice = settings.runtime.loop
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("runtime.loop: uvloop is not installed (pip install uvloop)") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _money(text: str, *, field: str) -> int:

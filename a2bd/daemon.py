@@ -72,7 +72,8 @@ class Daemon:
         await self.agi.start()
         if s.metrics.port:
             self.metrics = await start_metrics_server(s.metrics.host, s.metrics.port)
-        log.info("a2bd serving", agi=f"{s.agi.host}:{self.agi.port}",
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "asyncio" or "uvloop"
+        log.info("a2bd serving", agi=f"{s.agi.host}:{self.agi.port}", loop=loop,
                  metrics=f"{s.metrics.host}:{s.metrics.port}" if s.metrics.port else "off")
         self.ready.set()
 
