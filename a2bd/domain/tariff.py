@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import NamedTuple
 
 from a2bd.domain.rating import SellRate
 
@@ -25,8 +26,10 @@ class BuyRate:
     increment_s: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class RateEntry:
+class RateEntry(NamedTuple):
+    """One row of a rate card. A NamedTuple, not a frozen dataclass: a tariff holds a million of these and
+    one is built three times faster (bench/tariff_lookup.py prints both)."""
+
     prefix: str
     destination: str
     sell: SellRate
@@ -53,9 +56,9 @@ def minute_of_week(at: datetime) -> int:
     return at.weekday() * 1440 + at.hour * 60 + at.minute
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    """The rate found for a destination: the sell price and the carriers able to take it."""
+class Match(NamedTuple):
+    """The rate found for a destination: the sell price and the carriers able to take it (a NamedTuple
+    for the same reason as RateEntry: one per prefix)."""
 
     prefix: str
     destination: str
@@ -122,9 +125,8 @@ class Tariff:
         while key > 1:
             found = probe(key)
             if found is not None:
-                if type(found) is Match:
+                if isinstance(found, Match):
                     return found
-                assert isinstance(found, tuple)
                 minute, day = minute_of_week(at), at.date()
                 active = tuple(e for e in found if e.active_at(minute, day))
                 if active:
