@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
@@ -86,3 +88,18 @@ class TcpProxy:
 
     async def close(self) -> None:
         await self.refuse()
+
+
+@contextlib.asynccontextmanager
+async def proxied(url: str) -> AsyncIterator[tuple[TcpProxy, str]]:
+    """A proxy in front of the server that `url` names (redis://, postgresql://), and `url` through it."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None, f"{url} names no host and port"
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{proxy.port}" if userinfo else f"127.0.0.1:{proxy.port}"
+    try:
+        yield proxy, urlunsplit(parts._replace(netloc=netloc))
+    finally:
+        await proxy.close()

@@ -106,7 +106,8 @@ class Authorizer:
     async def handle(self, session: AgiSession) -> None:
         started = time.perf_counter()
         env = session.env
-        destination = env.arguments[0] if env.arguments and env.arguments[0] else env.extension
+        arguments = env.arguments  # a property that builds its tuple: read it once
+        destination = arguments[0] if arguments and arguments[0] else env.extension
         call_id = call_identity(session.peer[0], env.uniqueid)
         number = env.accountcode or None
         try:

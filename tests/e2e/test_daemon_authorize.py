@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import SellRate, cost_micro, max_duration_s
 from a2bd.observability import REGISTRY
 from a2bd.sim.agi import SimResult, make_environment, run_session
-from tests.proxy import TcpProxy
+from tests.proxy import TcpProxy, proxied
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_tariff.csv"
@@ -261,15 +262,23 @@ async def test_a_tariff_change_is_picked_up_without_restart(daemon: Daemon, pg: 
     assert status == "OK"
 
 
+@contextlib.asynccontextmanager
+async def behind_a_proxy(pg: asyncpg.Connection, pg_url: str, redis_url: str,
+                         **billing: int) -> AsyncIterator[tuple[Daemon, TcpProxy]]:
+    """A seeded daemon whose Redis is reached through a proxy the test can cut."""
+    await seed(pg)
+    async with proxied(redis_url) as (proxy, url):
+        d = Daemon(settings_for(pg_url, url, **billing))
+        await d.start()
+        try:
+            yield d, proxy
+        finally:
+            await d.close(grace_s=2)
+
+
 async def test_redis_down_fails_closed_and_recovers(pg: asyncpg.Connection, pg_url: str, store: RedisStore,
                                                     redis_url: str) -> None:
-    await seed(pg)
-    redis_port = int(redis_url.split(":")[2].split("/")[0])
-    proxy = TcpProxy("127.0.0.1", redis_port)
-    await proxy.start()
-    d = Daemon(settings_for(pg_url, f"redis://127.0.0.1:{proxy.port}/15"))
-    await d.start()
-    try:
+    async with behind_a_proxy(pg, pg_url, redis_url) as (d, proxy):
         assert (await call(d, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"] == "OK"
         for cut in (proxy.refuse, proxy.blackhole):
             await cut()
@@ -286,20 +295,11 @@ async def test_redis_down_fails_closed_and_recovers(pg: asyncpg.Connection, pg_u
                 break
             await asyncio.sleep(0.1)
         assert status == "OK"
-    finally:
-        await d.close(grace_s=2)
-        await proxy.close()
 
 
 async def test_fail_open_lets_a_known_postpaid_account_through(pg: asyncpg.Connection, pg_url: str,
                                                                 store: RedisStore, redis_url: str) -> None:
-    await seed(pg)
-    redis_port = int(redis_url.split(":")[2].split("/")[0])
-    proxy = TcpProxy("127.0.0.1", redis_port)
-    await proxy.start()
-    d = Daemon(settings_for(pg_url, f"redis://127.0.0.1:{proxy.port}/15", fail_open_limit_ms=120_000))
-    await d.start()
-    try:
+    async with behind_a_proxy(pg, pg_url, redis_url, fail_open_limit_ms=120_000) as (d, proxy):
         for account in ("1000000006", "1000000001"):  # seen once while Redis is up
             assert (await call(d, "447700900123", accountcode=account)).variables["A2B_STATUS"] == "OK"
         await proxy.refuse()
@@ -309,9 +309,6 @@ async def test_fail_open_lets_a_known_postpaid_account_through(pg: asyncpg.Conne
         assert (postpaid.variables["A2B_STATUS"], postpaid.variables["A2B_LIMIT_MS"]) == ("OK", "120000")
         assert prepaid.variables["A2B_STATUS"] == "ERROR"
         assert unseen.variables["A2B_STATUS"] == "ERROR"
-    finally:
-        await d.close(grace_s=2)
-        await proxy.close()
 
 
 async def test_daemon_refuses_to_start_on_an_unmigrated_database(servers: object, redis_url: str) -> None:

@@ -37,7 +37,8 @@ async def test_metrics_exposes_authorizations_by_status(port: int) -> None:
     text = body.decode()
     assert 'a2bd_authorizations_total{status="NOFUNDS"}' in text
     assert "a2bd_authorize_seconds_bucket" in text
-    assert "a2bd_agi_rejected_total" in text or "# HELP a2bd_agi_rejected" in text
+    assert "# TYPE a2bd_agi_rejected_total counter" in text
+    assert "# TYPE a2bd_agi_active_sessions gauge" in text
 
 
 @pytest.mark.parametrize(("request_bytes", "expected"), [

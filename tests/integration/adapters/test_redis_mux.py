@@ -10,13 +10,9 @@ import pytest
 from a2bd.adapters.redis_mux import RedisMux
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.errors import StoreUnavailable
-from tests.proxy import TcpProxy
+from tests.proxy import proxied
 
 pytestmark = pytest.mark.integration
-
-
-def redis_port(url: str) -> int:
-    return int(url.split(":")[2].split("/")[0])
 
 
 async def answers_again(mux: RedisMux) -> None:
@@ -68,26 +64,24 @@ async def test_the_database_of_the_url_is_selected(store: RedisStore, redis_url:
 
 async def test_a_stuck_redis_fails_every_command_in_flight_then_recovers(store: RedisStore,
                                                                         redis_url: str) -> None:
-    proxy = TcpProxy("127.0.0.1", redis_port(redis_url))
-    await proxy.start()
-    mux = RedisMux(f"redis://127.0.0.1:{proxy.port}/15", timeout_s=0.2)
-    try:
-        assert await mux.execute("PING") == "PONG"
-        await proxy.blackhole()  # connections accepted, nothing forwarded: Redis looks stuck
-        with pytest.raises(StoreUnavailable, match="connection lost"):
-            await mux.execute("PING")  # the connection in use was cut by the proxy
-        async with asyncio.timeout(5):  # they fail on the mux's own deadline; this only stops a hang
-            results = await asyncio.gather(*(mux.execute("PING") for _ in range(20)), return_exceptions=True)
-        # One shared connect attempt, into a Redis that never answers: all 20 get its failure together.
-        assert {str(r) for r in results} == {"Redis unreachable: no connection within 0.2 s"}
-        # ... and for one timeout period later calls fail at once, without another attempt.
-        with pytest.raises(StoreUnavailable, match="no connection within"):
-            await mux.execute("PING")
-        await proxy.restore()
-        await answers_again(mux)
-    finally:
-        mux.close()
-        await proxy.close()
+    async with proxied(redis_url) as (proxy, url):
+        mux = RedisMux(url, timeout_s=0.2)
+        try:
+            assert await mux.execute("PING") == "PONG"
+            await proxy.blackhole()  # connections accepted, nothing forwarded: Redis looks stuck
+            with pytest.raises(StoreUnavailable, match="connection lost"):
+                await mux.execute("PING")  # the connection in use was cut by the proxy
+            async with asyncio.timeout(5):  # they fail on the mux's own deadline; this only stops a hang
+                results = await asyncio.gather(*(mux.execute("PING") for _ in range(20)), return_exceptions=True)
+            # One shared connect attempt, into a Redis that never answers: all 20 get its failure together.
+            assert {str(r) for r in results} == {"Redis unreachable: no connection within 0.2 s"}
+            # ... and for one timeout period later calls fail at once, without another attempt.
+            with pytest.raises(StoreUnavailable, match="no connection within"):
+                await mux.execute("PING")
+            await proxy.restore()
+            await answers_again(mux)
+        finally:
+            mux.close()
 
 
 async def test_a_connection_killed_by_the_server_is_reopened(store: RedisStore, redis_url: str) -> None:
@@ -109,17 +103,15 @@ async def test_unreachable_redis_is_store_unavailable() -> None:
 
 async def test_a_redis_that_stalls_mid_connection_is_cut_at_the_deadline(store: RedisStore,
                                                                          redis_url: str) -> None:
-    proxy = TcpProxy("127.0.0.1", redis_port(redis_url))
-    await proxy.start()
-    mux = RedisMux(f"redis://127.0.0.1:{proxy.port}/15", timeout_s=0.2)
-    try:
-        assert await mux.execute("PING") == "PONG"
-        proxy.stall()  # the connection stays open; nothing comes back
-        async with asyncio.timeout(5):
-            results = await asyncio.gather(*(mux.execute("PING") for _ in range(10)), return_exceptions=True)
-        assert {str(r) for r in results} == {"Redis did not answer within 0.2 s"}
-        await proxy.restore()
-        await answers_again(mux)
-    finally:
-        mux.close()
-        await proxy.close()
+    async with proxied(redis_url) as (proxy, url):
+        mux = RedisMux(url, timeout_s=0.2)
+        try:
+            assert await mux.execute("PING") == "PONG"
+            proxy.stall()  # the connection stays open; nothing comes back
+            async with asyncio.timeout(5):
+                results = await asyncio.gather(*(mux.execute("PING") for _ in range(10)), return_exceptions=True)
+            assert {str(r) for r in results} == {"Redis did not answer within 0.2 s"}
+            await proxy.restore()
+            await answers_again(mux)
+        finally:
+            mux.close()
