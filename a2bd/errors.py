@@ -29,3 +29,29 @@ class StoreUnavailable(A2bdError):
 
 class InputError(A2bdError):
     """Operator input (a CLI argument, a CSV file) that cannot be used; the message says what to fix."""
+
+
+# -- AMI (a2bd.ami) -----------------------------------------------------------------------------------------
+
+
+class AmiValueError(InputError):
+    """An AMI action field that cannot be sent: a CR or LF in a key or value (it would end the header and
+    let the rest be read as a second action), or a key that is empty or holds ':'. Nothing was sent."""
+
+
+class AmiAuthError(ConfigError):
+    """The AMI server refused the username/secret (``Response: Error``, ``Authentication failed``).
+
+    Retrying cannot fix a wrong secret, so the client stops instead of looping; fix manager.conf or the
+    a2bd settings. The message names the user and the server, never the secret.
+    """
+
+
+class AmiUnavailable(A2bdError):
+    """No usable AMI connection: not connected, the connection dropped while a request waited for its
+    reply, or the client is closed. The request may or may not have reached Asterisk; nothing is re-sent."""
+
+
+class AmiTimeout(A2bdError, TimeoutError):
+    """No reply to an AMI action in time. Also a TimeoutError, so ``except TimeoutError`` catches it.
+    A reply arriving later is discarded."""
