@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balance", default="0", help="initial balance, e.g. 10.00")
     p.add_argument("--credit-limit", default="0", help="post-paid credit limit (0 = pre-paid)")
     p.add_argument("--max-calls", type=int, default=0, help="concurrent calls (0 = unlimited)")
+    p.add_argument("--daily-minutes", type=int, default=0, help="billed minutes per UTC day (0 = unlimited)")
     p.add_argument("--status", choices=("active", "blocked", "closed"), default="active")
     p.add_argument("--callerid", action="append", default=[], help="caller ID identifying it (repeatable)")
     p.add_argument("--pin", help="PIN for calling-card access (4-32 digits)")
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_account_add)
+    p = account.add_parser("pay", help="post money to an account: a payment, refill, charge or correction")
+    p.add_argument("number")
+    p.add_argument("amount", help="credits the account when positive, debits it when negative")
+    p.add_argument("--kind", choices=("payment", "refill", "charge", "correction"), default="payment")
+    p.add_argument("--note", default="")
+    p.set_defaults(command=cmd_account_pay)
+
     p = account.add_parser("show", help="an account, its balance, available credit and live calls")
     p.add_argument("number")
     p.add_argument("--json", action="store_true")
@@ -108,9 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daily-minutes", type=int, default=0, help="stop routing past this many minutes a day")
     p.add_argument("--currency", default="EUR")
     p.set_defaults(command=cmd_provider_add)
+    p = provider.add_parser("pay", help="record a payment to a carrier (positive lowers what we owe it, "
+                                        "negative raises it)")
+    p.add_argument("name")
+    p.add_argument("amount", help="e.g. 500.00 or -12.50")
+    p.add_argument("--note", default="", help="what it is for (shown on the provider's statement)")
+    p.set_defaults(command=cmd_provider_pay)
 
     p = sub.add_parser("sync", help="load Redis from PostgreSQL (accounts, caller IDs, PINs, providers)")
     p.set_defaults(command=cmd_sync)
+
+    p = sub.add_parser("reconcile", help="settle calls that ended unseen: compare live reservations with "
+                                         "Asterisk's channels and rate CDRs missing from the ledger")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=cmd_reconcile)
 
     p = sub.add_parser("explain", help="what authorize would answer now, and why (places no call)")
     p.add_argument("number")
@@ -179,6 +199,7 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
         "status": args.status,
         "credit_limit_micro": _money(args.credit_limit, field="--credit-limit"),
         "max_calls": args.max_calls,
+        "daily_limit_s": args.daily_minutes * 60,
         "currency": args.currency.upper(),
         "timezone": _timezone(args.timezone),
         "invoice_day": args.invoice_day,
@@ -255,6 +276,81 @@ async def cmd_provider_add(args: argparse.Namespace, settings: Settings) -> int:
         await store.close()
     print(f"provider {args.name}: {args.dial}")
     return 0
+
+
+async def cmd_provider_pay(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.posting import pay_provider
+
+    amount = _money(args.amount, field="amount")
+    conn = await postgres.connect(settings.postgres.url)
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        line = await pay_provider(conn, store, args.name, amount, args.note)
+    finally:
+        await conn.close()
+        await store.close()
+    print(f"provider {args.name}: paid {format_amount(amount)}, we now owe "
+          f"{format_amount(line['provider_balance_after_micro'])}")
+    return 0
+
+
+async def cmd_account_pay(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.posting import post_to_account
+
+    amount = _money(args.amount, field="amount")
+    conn = await postgres.connect(settings.postgres.url)
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        line = await post_to_account(conn, store, args.number, args.kind, amount, args.note)
+    finally:
+        await conn.close()
+        await store.close()
+    balance = format_amount(line["balance_after_micro"])
+    print(f"account {args.number}: {args.kind} {format_amount(amount)}, balance {balance}")
+    return 0
+
+
+async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.catalog import TariffCatalog
+    from a2bd.services.charging import LedgerWriter
+    from a2bd.services.lifecycle import ami_client, list_channels
+    from a2bd.services.reconcile import Reconciler
+
+    pool = await postgres.create_pool(settings.postgres.url, 1, 2)
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    clients = {s.name: ami_client(s, settings) for s in settings.asterisk}
+    writer = LedgerWriter(pool, store)
+    try:
+        tariffs = TariffCatalog(settings.postgres.url)
+        async with pool.acquire() as conn:
+            await tariffs.refresh(conn)
+        for client in clients.values():
+            with contextlib.suppress(A2bdError):  # unreachable: its calls are left alone and reported
+                await client.start(wait=True)
+
+        async def channels(name: str) -> Any:
+            return await list_channels(clients[name])
+
+        writer.start()
+        report = await Reconciler(settings, store, pool, writer, list_channels=channels,
+                                  tariff=tariffs.get).run_once()
+        if not await writer.drain(60.0):
+            raise InputError("PostgreSQL did not take the reconciled lines within 60 s; run it again")
+    finally:
+        await writer.close()
+        for client in clients.values():
+            await client.close()
+        await store.close()
+        await pool.close()
+    summary = report.summary()
+    if args.json:
+        print(json.dumps({**summary, "calls": {k: getattr(report, k) for k in
+                                               ("written", "settled", "rated_from_cdr", "released", "unrated")}},
+                         indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key.replace('_', ' '):<20} {value if not isinstance(value, list) else ', '.join(value) or '-'}")
+    return 0 if not report.unrated else 4
 
 
 async def cmd_sync(args: argparse.Namespace, settings: Settings) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -79,11 +80,90 @@ class BillingSettings:
     reservation_slack_s: int = 300
     # Longest A2B_LIMIT_MS ever given (Asterisk's L() takes ms in a signed 64-bit; operators want a cap).
     max_call_s: int = 4 * 3600
+    # Ledger writes are batched: a commit every ledger_batch_ms or every ledger_batch_lines, first reached.
+    ledger_batch_ms: int = 5
+    ledger_batch_lines: int = 500
+    # A call ends with a Hangup and a Cdr in either order; if one of them never comes (cdr_manager off,
+    # events lost), the call is closed with what arrived after this many seconds.
+    cdr_wait_s: float = 2.0
+    # Live reservations are compared with Asterisk's channels (and the CDR table) this often (seconds).
+    reconcile_interval_s: float = 120.0
+    # A Cdr in the CDR table is rated by the reconciler only once it is this old (the AMI path goes first).
+    reconcile_cdr_age_s: int = 60
+    # ... and only when it is at most this old (how far back the reconciler looks).
+    reconcile_cdr_window_s: int = 2 * 86400
 
     def validate(self) -> None:
         _check(self.fail_open_limit_ms >= 0, "billing.fail_open_limit_ms", "must be >= 0")
         _check(self.reservation_slack_s >= 0, "billing.reservation_slack_s", "must be >= 0")
         _check(60 <= self.max_call_s <= 86400 * 7, "billing.max_call_s", "must be 60..604800")
+        _check(1 <= self.ledger_batch_ms <= 1000, "billing.ledger_batch_ms", "must be 1..1000")
+        _check(1 <= self.ledger_batch_lines <= 10000, "billing.ledger_batch_lines", "must be 1..10000")
+        _check(0 < self.cdr_wait_s <= 60, "billing.cdr_wait_s", "must be > 0 and <= 60")
+        _check(self.reconcile_interval_s >= 1, "billing.reconcile_interval_s", "must be >= 1")
+        _check(self.reconcile_cdr_age_s >= 0, "billing.reconcile_cdr_age_s", "must be >= 0")
+        _check(self.reconcile_cdr_window_s > self.reconcile_cdr_age_s, "billing.reconcile_cdr_window_s",
+               "must be more than reconcile_cdr_age_s")
+
+
+@dataclass(frozen=True, slots=True)
+class AmiSettings:
+    """What every AMI connection shares; the servers themselves are the [[asterisk]] list."""
+
+    request_timeout_s: float = 5.0
+    ping_interval_s: float = 10.0  # a Ping is sent this often; no reply within ping_timeout_s = dead link
+    ping_timeout_s: float = 5.0
+    reconnect_max_s: float = 10.0
+    queue_size: int = 10_000  # events waiting for the tracker; when full, reading waits (nothing dropped)
+
+    def validate(self) -> None:
+        _check(self.request_timeout_s > 0, "ami.request_timeout_s", "must be > 0")
+        _check(self.ping_interval_s > 0, "ami.ping_interval_s", "must be > 0")
+        _check(self.ping_timeout_s > 0, "ami.ping_timeout_s", "must be > 0")
+        _check(self.reconnect_max_s > 0, "ami.reconnect_max_s", "must be > 0")
+        _check(self.queue_size >= 10, "ami.queue_size", "must be >= 10")
+
+
+@dataclass(frozen=True, slots=True)
+class AsteriskServer:
+    """One Asterisk a2bd watches over AMI. Its `name` is part of every call's identity (name/uniqueid), so
+    it must stay the same for the life of the server's calls."""
+
+    name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 5038
+    username: str = "a2bd"
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""  # read at start; better than `secret` in a file others may read
+    # The addresses its FastAGI connections come from (default: `host`): how a FastAGI session is tied to
+    # the server whose AMI events will follow the call.
+    agi_addresses: tuple[str, ...] = ()
+    # Its CDR table in a2bd's PostgreSQL (cdr_pgsql), e.g. "cdr"; empty when it writes none there.
+    cdr_table: str = ""
+
+    def validate(self) -> None:
+        key = f"asterisk[{self.name or '?'}]"
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.name)), f"{key}.name",
+               "must be 1..64 letters, digits, '_', '.' or '-'")
+        _check(0 < self.port <= 65535, f"{key}.port", "must be 1..65535")
+        _check(bool(self.username), f"{key}.username", "must not be empty")
+        _check(bool(self.secret) != bool(self.secret_file), f"{key}.secret",
+               "give exactly one of secret (or A2BD_AMI_SECRET_<NAME>) and secret_file")
+        _check(self.cdr_table == "" or bool(re.fullmatch(r"[a-z_][a-z0-9_]{0,62}(\.[a-z_][a-z0-9_]{0,62})?",
+                                                          self.cdr_table)),
+               f"{key}.cdr_table", "must be a plain (optionally schema-qualified) lower-case table name")
+
+    @property
+    def agi_sources(self) -> tuple[str, ...]:
+        return self.agi_addresses or (self.host,)
+
+    def read_secret(self) -> str:
+        if self.secret:
+            return self.secret
+        try:
+            return Path(self.secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"asterisk[{self.name}].secret_file: cannot read {self.secret_file}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +204,22 @@ class Settings:
     log: LogSettings = LogSettings()
     metrics: MetricsSettings = MetricsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    ami: AmiSettings = AmiSettings()
+    asterisk: tuple[AsteriskServer, ...] = ()
 
     def validate(self) -> Settings:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "asterisk":
+                getattr(self, f.name).validate()
+        names = [server.name for server in self.asterisk]
+        for server in self.asterisk:
+            server.validate()
+        _check(len(set(names)) == len(names), "asterisk", "server names must be unique")
         return self
+
+    def server_for_agi_peer(self) -> dict[str, str]:
+        """FastAGI peer address -> the name of the Asterisk server it belongs to."""
+        return {address: server.name for server in self.asterisk for address in server.agi_sources}
 
 
 _SHORT_ENV = {"A2BD_PG_URL": ("postgres", "url"), "A2BD_REDIS_URL": ("redis", "url")}
@@ -140,6 +231,7 @@ def load_settings(
     """Read `path` (or /etc/a2bd/a2bd.toml when it exists), apply A2BD_ overrides, validate."""
     environ = os.environ if environ is None else environ
     data: dict[str, dict[str, Any]] = {}
+    servers: tuple[AsteriskServer, ...] = ()
     if path is None and DEFAULT_CONFIG_PATH.exists():
         path = DEFAULT_CONFIG_PATH
     if path is not None:
@@ -151,6 +243,9 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         for section, values in raw.items():
+            if section == "asterisk":
+                servers = _asterisk_servers(values, environ)
+                continue
             if not isinstance(values, dict):
                 raise ConfigError(f"{section}: expected a [{section}] table")
             data[section] = dict(values)
@@ -159,9 +254,11 @@ def load_settings(
     for key, value in environ.items():
         if key in _SHORT_ENV:
             section, name = _SHORT_ENV[key]
+        elif key.startswith("A2BD_AMI_SECRET_"):
+            continue  # a server's secret: read with the [[asterisk]] list
         elif key.startswith("A2BD_") and key.count("_") >= 2:
             section, _, name = key[5:].lower().partition("_")
-            if section not in sections:
+            if section not in sections or section == "asterisk":
                 continue  # A2BD_TEST_* and friends belong to the test suite, not to the daemon
         else:
             continue
@@ -173,7 +270,31 @@ def load_settings(
             raise ConfigError(f"{section}: unknown section (known: {', '.join(sorted(sections))})")
         cls = _section_class(section)
         built[section] = _build(cls, section, values)
-    return Settings(**built).validate()
+    return Settings(**built, asterisk=servers).validate()
+
+
+def _asterisk_servers(raw: Any, environ: Mapping[str, str]) -> tuple[AsteriskServer, ...]:
+    """The [[asterisk]] array of tables. A server's secret may come from A2BD_AMI_SECRET_<NAME> (name in
+    upper case, '-' and '.' as '_'), which wins over the file."""
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise ConfigError("asterisk: expected [[asterisk]] tables (one per Asterisk server)")
+    servers = []
+    for i, item in enumerate(raw):
+        values = dict(item)
+        name = str(values.get("name", ""))
+        env_key = "A2BD_AMI_SECRET_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+        if env_key in environ:
+            values["secret"] = environ[env_key]
+            values.pop("secret_file", None)
+        if "agi_addresses" in values:
+            addresses = values.pop("agi_addresses")
+            if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                raise ConfigError(f"asterisk[{name or i}].agi_addresses: expected a list of addresses")
+            server = _build(AsteriskServer, f"asterisk[{name or i}]", values)
+            servers.append(dataclasses.replace(server, agi_addresses=tuple(addresses)))
+        else:
+            servers.append(_build(AsteriskServer, f"asterisk[{name or i}]", values))
+    return tuple(servers)
 
 
 def _section_class(section: str) -> type[Any]:

@@ -14,6 +14,7 @@ class Status(StrEnum):
     OK = "OK"
     NOFUNDS = "NOFUNDS"
     MAXCALLS = "MAXCALLS"
+    DAILYLIMIT = "DAILYLIMIT"  # the account's (device's) daily minute limit is used up
     BLOCKED = "BLOCKED"
     EXPIRED = "EXPIRED"
     NOACCOUNT = "NOACCOUNT"
@@ -29,6 +30,7 @@ HANGUP_CAUSE: dict[Status, int] = {
     Status.OK: 16,
     Status.NOFUNDS: 21,
     Status.MAXCALLS: 34,
+    Status.DAILYLIMIT: 34,
     Status.BLOCKED: 21,
     Status.EXPIRED: 21,
     Status.NOACCOUNT: 21,

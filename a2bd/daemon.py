@@ -1,7 +1,8 @@
 """`a2bd serve`: the daemon's lifecycle.
 
 Start: validate settings, reach PostgreSQL and Redis, check the schema, load tariffs, load Redis from
-PostgreSQL, then open the FastAGI and metrics sockets. Stop (SIGTERM/SIGINT), in uvicorn's order: stop
+PostgreSQL, start following calls on the configured Asterisk servers (AMI: tracker, ledger writer, credit
+guard, reconciler), then open the FastAGI and metrics sockets. Stop (SIGTERM/SIGINT), in uvicorn's order: stop
 accepting, let sessions in flight finish up to a bound, stop background tasks, close the stores.
 """
 
@@ -21,10 +22,11 @@ from a2bd.adapters.redis_store import RedisStore
 from a2bd.agi.server import AgiServer
 from a2bd.api.metrics import start_metrics_server
 from a2bd.config import Settings
-from a2bd.errors import ConfigError
+from a2bd.errors import A2bdError, ConfigError
 from a2bd.services.authorization import Authorizer
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
-from a2bd.services.sync import sync_redis
+from a2bd.services.lifecycle import CallLifecycle
+from a2bd.services.sync import needs_sync, sync_redis
 
 log = structlog.get_logger("a2bd.daemon")
 
@@ -38,6 +40,8 @@ class Daemon:
         self.metrics: asyncio.Server | None = None
         self.store: RedisStore | None = None
         self.authorizer: Authorizer | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.lifecycle: CallLifecycle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -66,7 +70,16 @@ class Daemon:
         providers = ProviderCatalog(self.store)
         await providers.refresh()
         self.authorizer = Authorizer(self.store, tariffs, providers, s)
+        if s.asterisk:
+            # Calls are followed over AMI, rated, written to the ledger and guarded (services/lifecycle.py).
+            self.pool = await postgres.create_pool(s.postgres.url, s.postgres.min_pool, s.postgres.max_pool)
+            self.lifecycle = CallLifecycle(s, self.store, self.pool, tariff=tariffs.get)
+            self.authorizer.on_reserved = self.lifecycle.recent.put
+            await self.lifecycle.start()
+        else:
+            log.warning("no [[asterisk]] server configured: calls are authorized but not followed, rated or guarded")
         self._spawn(tariffs.follow(self.stop), "tariff-follower")
+        self._spawn(self._watch_redis(), "redis-watch")
         self._spawn(providers.follow(self.stop), "provider-follower")
         self.agi = AgiServer(s.agi, {"authorize": self.authorizer.handle})
         await self.agi.start()
@@ -77,6 +90,27 @@ class Daemon:
                  metrics=f"{s.metrics.host}:{s.metrics.port}" if s.metrics.port else "off")
         self.ready.set()
 
+    async def _watch_redis(self, interval_s: float = 1.0) -> None:
+        """Redis restarted empty: reload it from PostgreSQL within a second (authorizations fail closed
+        meanwhile, NOACCOUNT/ERROR), then let the reconciler find the live calls again."""
+        assert self.store is not None
+        while not self.stop.is_set():
+            await asyncio.sleep(interval_s)
+            try:
+                if not await needs_sync(self.store):
+                    continue
+                if self.lifecycle is not None:
+                    await self.lifecycle.reconciler.run_once()  # syncs first, then reconciles
+                else:
+                    conn = await postgres.connect(self.settings.postgres.url)
+                    try:
+                        await sync_redis(conn, self.store)
+                    finally:
+                        await conn.close()
+                    log.warning("Redis had lost its state: reloaded from PostgreSQL")
+            except (A2bdError, OSError, asyncpg.PostgresError) as exc:
+                log.warning("Redis or PostgreSQL unavailable; will check again", error=str(exc))
+
     async def close(self, grace_s: float = 10.0) -> None:
         self.stop.set()
         if self.agi is not None:
@@ -84,6 +118,10 @@ class Daemon:
         if self.metrics is not None:
             self.metrics.close()
             await self.metrics.wait_closed()
+        if self.lifecycle is not None:
+            await self.lifecycle.close()  # flushes the ledger writer (bounded)
+        if self.pool is not None:
+            await self.pool.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

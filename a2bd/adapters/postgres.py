@@ -213,7 +213,7 @@ async def list_providers(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 # -- accounts -----------------------------------------------------------------------------------------
 
 ACCOUNT_FIELDS = (
-    "number", "status", "tariff_id", "credit_limit_micro", "currency", "timezone", "invoice_day",
+    "number", "status", "tariff_id", "credit_limit_micro", "daily_limit_s", "currency", "timezone", "invoice_day",
     "vat_rate_ppm", "max_calls", "expires_at", "restrict_mode", "restrict_prefixes", "pin",
     "low_credit_threshold_micro", "name", "company", "address", "email", "language", "vat_number",
 )
@@ -276,22 +276,199 @@ async def all_accounts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(await conn.fetch(_ACCOUNT_SELECT + " ORDER BY a.id"))
 
 
+# For loading Redis: each balance with the id of the newest line it includes and today's (UTC) billed
+# seconds, read in one statement so all three come from the same snapshot.
+_SYNC_ACCOUNTS = _ACCOUNT_SELECT.replace(  # noqa: S608 - constant text, no input
+    " FROM accounts a",
+    ", coalesce((SELECT max(l.id) FROM ledger l WHERE l.account_id = a.id), 0) AS last_line_id,"
+    " coalesce((SELECT sum(l.seconds) FROM ledger l WHERE l.account_id = a.id AND l.kind = 'call'"
+    " AND l.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0) AS today_s"
+    " FROM accounts a",
+) + " ORDER BY a.id"
+_SYNC_PROVIDERS = (
+    "SELECT p.*, coalesce((SELECT max(l.id) FROM ledger l WHERE l.provider_id = p.id), 0) AS last_line_id,"
+    " coalesce((SELECT sum(l.seconds) FROM ledger l WHERE l.provider_id = p.id AND l.kind = 'call'"
+    " AND l.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0) AS today_s"
+    " FROM providers p ORDER BY p.name"
+)
+
+
+async def accounts_for_sync(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(_SYNC_ACCOUNTS))
+
+
+async def providers_for_sync(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(_SYNC_PROVIDERS))
+
+
 async def number_taken(conn: asyncpg.Connection, number: str) -> bool:
     return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts WHERE number = $1)", number))
 
 
 # -- the ledger ---------------------------------------------------------------------------------------
+#
+# Every line states the balance after it; the ledger_apply trigger (sql/0002) moves the balances once per
+# statement and refuses lines that do not chain. So a writer locks the rows it moves (FOR UPDATE, in id
+# order so two writers never deadlock), reads their balances, and states them forward.
 
 
 async def post(
-    conn: asyncpg.Connection, *, kind: str, amount_micro: int, account_id: int | None = None,
-    provider_id: int | None = None, call_id: str | None = None, description: str = "",
-    at: datetime | None = None,
+    conn: asyncpg.Connection, *, kind: str, amount_micro: int = 0, account_id: int | None = None,
+    provider_id: int | None = None, provider_amount_micro: int = 0, call_id: str | None = None,
+    description: str = "", at: datetime | None = None,
 ) -> asyncpg.Record:
-    """Append one ledger line; the database moves the balance and returns the line with balance_after."""
-    row: asyncpg.Record = await conn.fetchrow(
-        "INSERT INTO ledger (account_id, provider_id, kind, amount_micro, call_id, description, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now())) RETURNING *",
-        account_id, provider_id, kind, amount_micro, call_id, description, at,
-    )
+    """Append one ledger line and return it (with its balance_after). `amount_micro` moves the account's
+    balance, `provider_amount_micro` the provider's (what we owe the carrier)."""
+    async with conn.transaction():
+        balance_after = provider_after = None
+        if account_id is not None:
+            balance = await conn.fetchval("SELECT balance_micro FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+            if balance is None:
+                raise InputError(f"account id {account_id} does not exist")
+            balance_after = balance + amount_micro
+        if provider_id is not None:
+            balance = await conn.fetchval("SELECT balance_micro FROM providers WHERE id = $1 FOR UPDATE", provider_id)
+            if balance is None:
+                raise InputError(f"provider id {provider_id} does not exist")
+            provider_after = balance + provider_amount_micro
+        row: asyncpg.Record = await conn.fetchrow(
+            "INSERT INTO ledger (account_id, provider_id, kind, amount_micro, provider_amount_micro,"
+            " balance_after_micro, provider_balance_after_micro, call_id, description, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now())) RETURNING *",
+            account_id, provider_id, kind, amount_micro, provider_amount_micro, balance_after, provider_after,
+            call_id, description, at,
+        )
+        await note_low_credit(conn, [account_id] if account_id is not None else [])
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class CallLine:
+    """A rated call as the ledger stores it (one line carries the customer's debit and the carrier's cost)."""
+
+    call_id: str
+    account: str  # account number
+    amount_micro: int  # <= 0: the price of the call, debited
+    seconds: int  # billed seconds (0 within the grace)
+    destination: str
+    description: str
+    answered_at: datetime
+    ended_at: datetime
+    provider: str | None = None
+    provider_amount_micro: int = 0  # >= 0: the buy cost, added to what we owe the carrier
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenLine:
+    """A call line as it stands in the ledger after a batch: `fresh` when this batch wrote it, False when it
+    was there already (a replayed event, a restart): then nothing moved and nothing must move again."""
+
+    call_id: str
+    line_id: int
+    account: str
+    balance_after_micro: int
+    provider: str | None
+    provider_balance_after_micro: int | None
+    seconds: int
+    fresh: bool
+
+
+_WRITE_CALLS = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::integer[],
+                         $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+        WITH ORDINALITY AS b(call_id, account, provider, amount, provider_amount, seconds, destination,
+                             description, answered_at, created_at, ord)
+), fresh AS (
+    SELECT b.* FROM batch b
+    WHERE NOT EXISTS (SELECT 1 FROM ledger l WHERE l.call_id = b.call_id AND l.kind = 'call')
+), acc AS (
+    SELECT id, number, balance_micro FROM accounts
+    WHERE number IN (SELECT account FROM fresh) ORDER BY id FOR UPDATE
+), prov AS (
+    SELECT id, name, balance_micro FROM providers
+    WHERE name IN (SELECT provider FROM fresh) ORDER BY id FOR UPDATE
+)
+INSERT INTO ledger (account_id, provider_id, kind, amount_micro, provider_amount_micro, balance_after_micro,
+                    provider_balance_after_micro, call_id, seconds, destination, description, answered_at,
+                    created_at)
+SELECT acc.id, prov.id, 'call', f.amount, CASE WHEN prov.id IS NULL THEN 0 ELSE f.provider_amount END,
+       acc.balance_micro + sum(f.amount) OVER (PARTITION BY acc.id ORDER BY f.ord),
+       prov.balance_micro + sum(f.provider_amount) OVER (PARTITION BY prov.id ORDER BY f.ord),
+       f.call_id, f.seconds, f.destination, f.description, f.answered_at, f.created_at
+FROM fresh f JOIN acc ON acc.number = f.account LEFT JOIN prov ON prov.name = f.provider
+ORDER BY f.ord
+RETURNING id, call_id, balance_after_micro, provider_balance_after_micro, account_id
+"""
+
+_EXISTING_CALLS = """
+SELECT l.id, l.call_id, a.number, l.balance_after_micro, p.name AS provider, l.provider_balance_after_micro,
+       l.seconds, l.account_id
+FROM ledger l JOIN accounts a ON a.id = l.account_id LEFT JOIN providers p ON p.id = l.provider_id
+WHERE l.kind = 'call' AND l.call_id = ANY($1::text[])
+"""
+
+
+async def write_calls(conn: asyncpg.Connection, lines: Sequence[CallLine]) -> list[WrittenLine]:
+    """Write a batch of call lines in one transaction, each call at most once ever (idempotent on call_id).
+
+    Returns one WrittenLine per call found in the ledger afterwards, fresh or not. A call whose account
+    does not exist in PostgreSQL is not written and not returned: the caller keeps it and reports it.
+    Two writers racing on the same call: the loser's statement fails on the unique index and is retried
+    by the caller; its fresh-filter then sees the winner's line.
+    """
+    unique: dict[str, CallLine] = {}
+    for line in lines:
+        unique.setdefault(line.call_id, line)
+    batch = list(unique.values())
+    async with conn.transaction():
+        inserted = await conn.fetch(
+            _WRITE_CALLS,
+            [x.call_id for x in batch], [x.account for x in batch], [x.provider for x in batch],
+            [x.amount_micro for x in batch], [x.provider_amount_micro for x in batch],
+            [x.seconds for x in batch], [x.destination for x in batch], [x.description for x in batch],
+            [x.answered_at for x in batch], [x.ended_at for x in batch],
+        )
+        await note_low_credit(conn, list({r["account_id"] for r in inserted}))
+    written: list[WrittenLine] = []
+    by_id = {r["call_id"]: r for r in inserted}
+    for r in inserted:
+        src = unique[r["call_id"]]
+        written.append(WrittenLine(
+            src.call_id, r["id"], src.account, r["balance_after_micro"],
+            src.provider if r["provider_balance_after_micro"] is not None else None,
+            r["provider_balance_after_micro"], src.seconds, True,
+        ))
+    missing = [c for c in unique if c not in by_id]
+    if missing:
+        for r in await conn.fetch(_EXISTING_CALLS, missing):
+            written.append(WrittenLine(
+                r["call_id"], r["id"], r["number"], r["balance_after_micro"], r["provider"],
+                r["provider_balance_after_micro"], r["seconds"] or 0, False,
+            ))
+    return written
+
+
+_LOW_CREDIT = """
+WITH flip AS (
+    UPDATE accounts SET low_credit = NOT low_credit
+    WHERE id = ANY($1::bigint[]) AND low_credit_threshold_micro > 0
+      AND low_credit <> (balance_micro + credit_limit_micro < low_credit_threshold_micro)
+    RETURNING id, low_credit, balance_micro, credit_limit_micro, low_credit_threshold_micro
+)
+INSERT INTO notices (account_id, kind, detail)
+SELECT id, 'low_credit', jsonb_build_object('available_micro', balance_micro + credit_limit_micro,
+                                            'threshold_micro', low_credit_threshold_micro)
+FROM flip WHERE low_credit
+"""
+
+
+async def note_low_credit(conn: asyncpg.Connection, account_ids: Sequence[int]) -> None:
+    """Record a low-credit notice for each account whose available credit just went below its threshold
+    (once per crossing: the flag is cleared when credit is back above it)."""
+    if account_ids:
+        await conn.execute(_LOW_CREDIT, list(account_ids))
+
+
+async def notices(conn: asyncpg.Connection, account_id: int) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM notices WHERE account_id = $1 ORDER BY id", account_id))

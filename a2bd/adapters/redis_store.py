@@ -6,14 +6,23 @@ Redis Cluster):
     a2b:{acct:N}           hash   number, status, tariff, balance, credit_limit, max_calls, expires_at,
                                   restrict_mode, restrict_prefixes (comma-separated), timezone, currency,
                                   held (sum of the live calls' holds: written only by the Lua scripts),
+                                  lid (newest ledger line the balance includes), day + today_s (billed
+                                  seconds of the UTC day), daily_limit_s,
                                   v (version: bumped by every load from PostgreSQL, so a daemon that
                                   keeps the account's static fields in memory knows when they changed)
     a2b:{acct:N}:calls     hash   live calls: call id -> hold_micro
     a2b:{acct:N}:expiry    zset   live calls by expiry (Unix ms): a call never settled stops counting
+    a2b:{acct:N}:call      hash   live calls: call id -> JSON record (rate, routes, destination; the answer
+                                  time and channel once answered): what any daemon needs to rate or guard it
+    a2b:{acct:N}:ended     hash   ended calls, rated, whose ledger line is not yet written: call id -> JSON
+                                  (survives a daemon killed while PostgreSQL is away; removed by the settle)
     a2b:cid:<callerid>     string account number owning this caller ID
     a2b:pin:<pin>          string account number owning this PIN
-    a2b:prov:<name>        hash   name, dial, enabled, balance, balance_limit, daily_limit_s, today_s
+    a2b:prov:<name>        hash   name, dial, enabled, balance, lid, balance_limit, daily_limit_s, day, today_s
     a2b:providers          set    provider names
+    a2b:synced             string Unix time of the last load from PostgreSQL (gone: Redis must be reloaded)
+    a2b:changed            pub/sub channel: an account number whose credit or live calls changed (every
+                                  daemon re-checks the credit guard of that account)
 
 Money is integer micro-units in decimal text. Every call is bounded by the client's socket timeout.
 """
@@ -21,7 +30,9 @@ Money is integer micro-units in decimal text. Every call is bounded by the clien
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -57,9 +68,26 @@ def expiry_key(number: str) -> str:
     return f"a2b:{{acct:{number}}}:expiry"
 
 
+def record_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}:call"
+
+
+def ended_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}:ended"
+
+
 def live_keys(number: str) -> list[str]:
     """KEYS of the reserve/release scripts, in their order."""
-    return [account_key(number), calls_key(number), expiry_key(number)]
+    return [account_key(number), calls_key(number), expiry_key(number), record_key(number)]
+
+
+def settle_keys(number: str) -> list[str]:
+    return [account_key(number), calls_key(number), expiry_key(number), record_key(number), ended_key(number)]
+
+
+def number_of(key: str) -> str:
+    """The account number in one of its keys (a2b:{acct:N}...)."""
+    return key[key.index("{acct:") + 6 : key.index("}")]
 
 
 def callerid_key(callerid: str) -> str:
@@ -75,6 +103,34 @@ def provider_key(name: str) -> str:
 
 
 PROVIDERS_KEY = "a2b:providers"
+CHANGED_CHANNEL = "a2b:changed"
+SYNCED_KEY = "a2b:synced"  # written last by every sync from PostgreSQL: its absence means Redis forgot all
+
+
+def utc_day(now_s: float) -> str:
+    """The UTC day of a Unix time as YYYYMMDD: the day daily minute limits count in."""
+    return time.strftime("%Y%m%d", time.gmtime(now_s))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountCredit:
+    """What the credit guard needs of an account: its money and its live calls' records."""
+
+    number: str
+    balance_micro: int
+    credit_limit_micro: int
+    records: dict[str, str]  # live calls: call id -> JSON record
+    ended: dict[str, str]  # ended calls not yet in the ledger (not yet in the balance): call id -> JSON
+
+
+@dataclass(frozen=True, slots=True)
+class LiveState:
+    """One account's live reservations, their records, and its ended calls waiting for the ledger."""
+
+    number: str
+    holds: dict[str, int]
+    records: dict[str, str]
+    ended: dict[str, str]
 
 
 class Script:
@@ -103,6 +159,10 @@ class RedisStore:
         self.mux = mux
         self._reserve = Script("reserve")
         self._release = Script("release")
+        self._settle = Script("settle")
+        self._rebase = Script("rebase")
+        self._provider_settle = Script("provider_settle")
+        self._update_call = Script("update_call")
 
     @classmethod
     def from_url(cls, url: str, timeout_s: float, max_connections: int = 64) -> RedisStore:
@@ -122,7 +182,8 @@ class RedisStore:
     async def ping(self) -> None:
         """Check Redis answers and load the scripts, so the first call pays no SCRIPT LOAD."""
         await self._guard(self.client.ping())
-        for script in (self._reserve, self._release):
+        for script in (self._reserve, self._release, self._settle, self._rebase, self._provider_settle,
+                       self._update_call):
             await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
 
     async def _guard(self, awaitable: Any) -> Any:
@@ -156,21 +217,99 @@ class RedisStore:
         return number
 
     async def reserve(
-        self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int, version: str = ""
+        self, number: str, call_id: str, hold_micro: int, now_ms: int, expires_ms: int, version: str = "",
+        record: str = "",
     ) -> Reservation | None:
-        """Reserve atomically (reserve.lua). None: the account is no longer at `version`; nothing was
-        reserved."""
+        """Reserve atomically (reserve.lua), storing the call's `record` beside its hold. None: the account is
+        no longer at `version`; nothing was reserved."""
         reply = await self._guard(
-            self._reserve(self.mux, live_keys(number), [call_id, hold_micro, now_ms, expires_ms, version])
+            self._reserve(self.mux, live_keys(number),
+                          [call_id, hold_micro, now_ms, expires_ms, version, record, utc_day(now_ms / 1000)])
         )
-        outcome, credit, live = reply
+        outcome, credit, live, daily_left = reply
         if outcome == "STALE":
             return None
-        return Reservation(ReserveOutcome(outcome), int(credit), int(live))
+        left = int(daily_left)
+        return Reservation(ReserveOutcome(outcome), int(credit), int(live), None if left < 0 else left)
 
     async def release(self, number: str, call_id: str) -> bool:
         """Drop a reservation whose call will never be billed (the caller hung up during the AGI)."""
         return bool(await self._guard(self._release(self.mux, live_keys(number), [call_id])))
+
+    # -- the call lifecycle (tracker, ledger writer, guard, reconciler) -------------------------------
+
+    async def update_record(self, number: str, call_id: str, record: str) -> bool:
+        """Replace a live call's record (the tracker adds the answer); False when the call is no longer live,
+        so a late event never resurrects a settled call."""
+        return bool(await self._guard(self._update_call(self.mux, [calls_key(number), record_key(number)],
+                                                        [call_id, record])))
+
+    async def call_record(self, number: str, call_id: str) -> str | None:
+        record: str | None = await self._guard(self.mux.execute("HGET", record_key(number), call_id))
+        return record
+
+    async def record_ended(self, number: str, call_id: str, record: str) -> None:
+        """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue); its
+        live record goes, so the credit guard counts it at its final price, no longer as a running call."""
+        await self._guard(self.mux.execute("HSET", ended_key(number), call_id, record))
+        await self._guard(self.mux.execute("HDEL", record_key(number), call_id))
+
+    async def settle(
+        self, number: str, line_id: int, balance_micro: int, day: str, calls: Sequence[tuple[str, int]]
+    ) -> tuple[int, bool]:
+        """settle.lua: free the calls' slots, count their seconds, set the balance to the newest line's.
+        Returns (calls freed, whether the account hash exists)."""
+        args: list[str | int] = [line_id, balance_micro, day]
+        for call_id, seconds in calls:
+            args += [call_id, seconds]
+        freed, _balance, exists = await self._guard(self._settle(self.mux, settle_keys(number), args))
+        return int(freed), bool(exists)
+
+    async def settle_provider(self, name: str, line_id: int, balance_micro: int, day: str, seconds: int) -> None:
+        await self._guard(self._provider_settle(self.mux, [provider_key(name)],
+                                                [line_id, balance_micro, day, seconds, "0"]))
+
+    async def credit(self, number: str) -> AccountCredit | None:
+        """Balance, credit limit and live call records of one account, read together."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hmget(account_key(number), ["balance", "credit_limit"])
+        pipe.hgetall(record_key(number))
+        pipe.hgetall(ended_key(number))
+        (balance, limit), records, ended = await self._guard(pipe.execute())
+        if balance is None:
+            return None
+        return AccountCredit(number, int(balance), int(limit or 0), records, ended)
+
+    async def live_state(self) -> AsyncIterator[LiveState]:
+        """Every account with live reservations or ended calls waiting (for reconciliation: SCAN, not KEYS)."""
+        seen: set[str] = set()
+        for pattern in ("a2b:{acct:*}:calls", "a2b:{acct:*}:ended"):
+            async for key in self.client.scan_iter(match=pattern, count=1000):
+                number = number_of(key)
+                if number in seen:
+                    continue
+                seen.add(number)
+                pipe = self.client.pipeline(transaction=True)
+                pipe.hgetall(calls_key(number))
+                pipe.hgetall(record_key(number))
+                pipe.hgetall(ended_key(number))
+                holds, records, ended = await self._guard(pipe.execute())
+                yield LiveState(number, {k: int(v) for k, v in holds.items()}, records, ended)
+
+    async def still_reserved(self, calls: Sequence[tuple[str, str]]) -> set[str]:
+        """Which of these (account, call id) still hold a reservation."""
+        pipe = self.client.pipeline(transaction=False)
+        for number, call_id in calls:
+            pipe.hexists(calls_key(number), call_id)
+        found = await self._guard(pipe.execute())
+        return {call_id for (_, call_id), there in zip(calls, found, strict=True) if there}
+
+    async def publish_changed(self, numbers: Iterable[str]) -> None:
+        """Tell every daemon (and this one) that these accounts' credit or live calls changed."""
+        pipe = self.client.pipeline(transaction=False)
+        for number in numbers:
+            pipe.publish(CHANGED_CHANNEL, number)
+        await self._guard(pipe.execute())
 
     # -- reads for operators and routing ----------------------------------------------------------
 
@@ -196,14 +335,24 @@ class RedisStore:
 
     # -- loading from PostgreSQL ----------------------------------------------------------------
 
-    async def put_accounts(self, accounts: Iterable[Mapping[str, Any]]) -> int:
-        """Write account hashes and their caller-ID/PIN indexes. Live calls are left as they are."""
-        pipe = self.client.pipeline(transaction=False)
+    async def put_accounts(self, accounts: Iterable[Mapping[str, Any]], now_s: float | None = None) -> int:
+        """Write account hashes and their caller-ID/PIN indexes. Live calls are left as they are.
+
+        Each account's balance and today's seconds go through rebase.lua with the id of its newest ledger
+        line (`last_line_id`), so a daemon settling calls meanwhile is never overwritten by an older
+        snapshot. MULTI/EXEC per chunk: no reader ever sees a new account's hash without its balance.
+        """
+        day = utc_day(time.time() if now_s is None else now_s)
+        await self._guard(self.client.script_load(self._rebase.source))  # EVALSHA inside MULTI cannot reload
+        pipe = self.client.pipeline(transaction=True)
         count = 0
         for acct in accounts:
             number = acct["number"]
             fields: dict[Any, Any] = account_to_hash(acct)  # redis-py's Mapping type is invariant in str
+            del fields["balance"]  # rebase.lua writes it, only if this snapshot is not older than Redis
             pipe.hset(account_key(number), mapping=fields)
+            pipe.evalsha(self._rebase.sha, 1, account_key(number), acct.get("last_line_id") or 0,
+                         acct["balance_micro"], day, acct.get("today_s") or 0)
             pipe.hincrby(account_key(number), "v", 1)
             for callerid in acct.get("callerids") or ():
                 pipe.set(callerid_key(callerid), number)
@@ -215,7 +364,15 @@ class RedisStore:
         await self._guard(pipe.execute())
         return count
 
-    async def put_providers(self, providers: Iterable[Mapping[str, Any]]) -> int:
+    async def mark_synced(self, now_s: float) -> None:
+        await self._guard(self.client.set(SYNCED_KEY, str(int(now_s))))
+
+    async def is_synced(self) -> bool:
+        return bool(await self._guard(self.client.exists(SYNCED_KEY)))
+
+    async def put_providers(self, providers: Iterable[Mapping[str, Any]], now_s: float | None = None) -> int:
+        day = utc_day(time.time() if now_s is None else now_s)
+        await self._guard(self.client.script_load(self._provider_settle.source))
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(PROVIDERS_KEY)
         count = 0
@@ -225,11 +382,11 @@ class RedisStore:
                 "name": name,
                 "dial": prov["dial_template"],
                 "enabled": "1" if prov["enabled"] else "0",
-                "balance": str(prov["balance_micro"]),
                 "balance_limit": str(prov["balance_limit_micro"]),
                 "daily_limit_s": str(prov["daily_limit_s"]),
             })
-            pipe.hsetnx(provider_key(name), "today_s", "0")
+            pipe.evalsha(self._provider_settle.sha, 1, provider_key(name), prov.get("last_line_id") or 0,
+                         prov["balance_micro"], day, prov.get("today_s") or 0, "1")
             pipe.sadd(PROVIDERS_KEY, name)
             count += 1
         await self._guard(pipe.execute())
@@ -245,6 +402,7 @@ def account_to_hash(acct: Mapping[str, Any]) -> dict[str, str]:
         "balance": str(acct["balance_micro"]),
         "credit_limit": str(acct["credit_limit_micro"]),
         "max_calls": str(acct["max_calls"]),
+        "daily_limit_s": str(acct.get("daily_limit_s") or 0),
         "expires_at": str(int(expires.timestamp())) if expires else "0",
         "restrict_mode": acct["restrict_mode"],
         "restrict_prefixes": ",".join(acct.get("restrict_prefixes") or ()),
@@ -253,8 +411,9 @@ def account_to_hash(acct: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def account_from_hash(data: Mapping[str, str]) -> AccountView:
+def account_from_hash(data: Mapping[str, str], today: str | None = None) -> AccountView:
     prefixes = data.get("restrict_prefixes", "")
+    today = today or utc_day(time.time())
     return AccountView(
         number=data["number"],
         status=AccountStatus(data["status"]),
@@ -266,16 +425,19 @@ def account_from_hash(data: Mapping[str, str]) -> AccountView:
         restrict_mode=RestrictMode(data.get("restrict_mode", "none")),
         restrict_prefixes=tuple(prefixes.split(",")) if prefixes else (),
         timezone=data.get("timezone", "UTC"),
+        daily_limit_s=int(data.get("daily_limit_s", "0")),
+        today_s=int(data.get("today_s", "0")) if data.get("day") == today else 0,
     )
 
 
-def provider_from_hash(data: Mapping[str, str]) -> ProviderState:
+def provider_from_hash(data: Mapping[str, str], today: str | None = None) -> ProviderState:
+    today = today or utc_day(time.time())
     return ProviderState(
         name=data["name"],
         dial_template=data["dial"],
         enabled=data.get("enabled", "1") == "1",
         balance_micro=int(data.get("balance", "0")),
         balance_limit_micro=int(data.get("balance_limit", "0")),
-        minutes_today_s=int(data.get("today_s", "0")),
+        minutes_today_s=int(data.get("today_s", "0")) if data.get("day") == today else 0,
         daily_limit_s=int(data.get("daily_limit_s", "0")),
     )

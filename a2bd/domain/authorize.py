@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from a2bd.contract import HANGUP_CAUSE, Status
 from a2bd.domain.rating import SellRate, first_block_micro, max_duration_s
-from a2bd.domain.tariff import Match, Tariff
+from a2bd.domain.tariff import BuyRate, Match, Tariff
 
 
 class AccountStatus(StrEnum):
@@ -45,6 +45,8 @@ class AccountView:
     restrict_mode: RestrictMode = RestrictMode.NONE
     restrict_prefixes: tuple[str, ...] = ()
     timezone: str = "UTC"
+    daily_limit_s: int = 0  # billed seconds per UTC day; 0 = no limit
+    today_s: int = 0  # billed seconds so far today
 
     @property
     def available_micro(self) -> int:
@@ -81,7 +83,11 @@ class ProviderState:
 class Route:
     provider: str
     dial: str
-    buy_rate_per_min_micro: int
+    buy: BuyRate  # what the carrier charges us: orders the routes, and grows its balance per call
+
+    @property
+    def buy_rate_per_min_micro(self) -> int:
+        return self.buy.rate_per_min_micro
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,24 +171,26 @@ def plan(
 
 def order_routes(match: Match, destination: str, providers: Mapping[str, ProviderState]) -> tuple[Route, ...]:
     """Carriers of the match that may take traffic, cheapest buy rate first (name breaks ties)."""
-    best: dict[str, int] = {}
+    best: dict[str, BuyRate] = {}
     for entry in match.entries:
         if entry.provider is None:
             continue
         state = providers.get(entry.provider)
         if state is None or not state.available:
             continue
-        rate = entry.buy.rate_per_min_micro
-        if entry.provider not in best or rate < best[entry.provider]:
-            best[entry.provider] = rate
-    ordered = sorted(best.items(), key=lambda item: (item[1], item[0]))
-    return tuple(Route(name, providers[name].dial_string(destination), rate) for name, rate in ordered)
+        known = best.get(entry.provider)
+        if known is None or entry.buy.rate_per_min_micro < known.rate_per_min_micro:
+            best[entry.provider] = entry.buy
+    ordered = sorted(best.items(), key=lambda item: (item[1].rate_per_min_micro, item[0]))
+    return tuple(Route(name, providers[name].dial_string(destination), buy)
+                 for name, buy in ordered)
 
 
 class ReserveOutcome(StrEnum):
     OK = "OK"
     MAXCALLS = "MAXCALLS"
     NOFUNDS = "NOFUNDS"
+    DAILYLIMIT = "DAILYLIMIT"
     NOACCOUNT = "NOACCOUNT"
 
 
@@ -194,6 +202,7 @@ class Reservation:
     outcome: ReserveOutcome
     credit_micro: int
     live_calls: int
+    daily_left_s: int | None = None  # seconds left today under the account's daily limit; None: no limit
 
 
 def finish(plan_: Plan, reservation: Reservation, max_call_s: int) -> Decision:
@@ -205,7 +214,10 @@ def finish(plan_: Plan, reservation: Reservation, max_call_s: int) -> Decision:
         return refuse(
             Status.MAXCALLS, f"{reservation.live_calls} live calls, limit {plan_.account.max_calls}", number
         )
-    longest_s = max_duration_s(plan_.sell, reservation.credit_micro, max_call_s)
+    if reservation.outcome is ReserveOutcome.DAILYLIMIT:
+        return refuse(Status.DAILYLIMIT, f"daily limit of {plan_.account.daily_limit_s} s reached", number)
+    cap_s = max_call_s if reservation.daily_left_s is None else min(max_call_s, reservation.daily_left_s)
+    longest_s = max_duration_s(plan_.sell, reservation.credit_micro, cap_s)
     if reservation.outcome is ReserveOutcome.NOFUNDS or longest_s <= plan_.sell.grace_s:
         return Decision(
             status=Status.NOFUNDS,

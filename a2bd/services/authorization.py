@@ -42,6 +42,7 @@ from a2bd.domain.authorize import (
     plan,
     refuse,
 )
+from a2bd.domain.calls import CallRecord, RouteChoice, encode_record
 from a2bd.errors import ProtocolError, StoreUnavailable
 from a2bd.observability import AUTHORIZATIONS, AUTHORIZE_SECONDS
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
@@ -100,6 +101,9 @@ class Authorizer:
         self.clock = clock
         # Accounts seen lately, with their version: the fast path, and fail-open's memory.
         self._accounts: dict[str, tuple[AccountView, str]] = {}
+        self._servers = settings.server_for_agi_peer()  # FastAGI peer address -> Asterisk server name
+        # Calls reserved here, handed to this daemon's call tracker without a Redis read (optional).
+        self.on_reserved: Callable[[CallRecord], None] | None = None
 
     # -- the FastAGI route ----------------------------------------------------------------------
 
@@ -108,7 +112,8 @@ class Authorizer:
         env = session.env
         arguments = env.arguments  # a property that builds its tuple: read it once
         destination = arguments[0] if arguments and arguments[0] else env.extension
-        call_id = call_identity(session.peer[0], env.uniqueid)
+        peer = session.peer[0]
+        call_id = call_identity(self._servers.get(peer, peer), env.uniqueid)
         number = env.accountcode or None
         try:
             if number is None:
@@ -193,10 +198,21 @@ class Authorizer:
                 now_ms = int(self.clock() * 1000)
                 billing = self.settings.billing
                 expires_ms = now_ms + (billing.max_call_s + billing.reservation_slack_s) * 1000
+                record = CallRecord(
+                    call_id, number, first.destination, first.match.destination, first.match.prefix, first.sell,
+                    tuple(RouteChoice(r.provider, r.dial, r.buy) for r in first.routes), now_ms,
+                )
                 reservation = await self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms,
-                                                       version)
+                                                       version, encode_record(record))
                 if reservation is not None:
-                    return finish(first, reservation, billing.max_call_s)
+                    decision = finish(first, reservation, billing.max_call_s)
+                    if decision.ok:
+                        if self.on_reserved is not None:
+                            self.on_reserved(record)
+                    elif reservation.outcome is ReserveOutcome.OK:
+                        # Reserved, yet no billed second fits (the daily limit is nearly used up).
+                        await self._release(number, call_id)
+                    return decision
             known = None  # the account changed since it was read: read it again, once
         raise StoreUnavailable(f"account {number} changed twice during one authorization")
 

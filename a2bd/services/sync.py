@@ -1,11 +1,14 @@
 """Load Redis from PostgreSQL, the system of record: accounts, their caller IDs and PINs, providers.
 
-Run at every daemon start and by `a2bd sync`. Balances are copied from PostgreSQL; live reservations
-are left untouched. Index keys (caller ID, PIN) that no longer belong to any account are removed.
+Run at every daemon start and by `a2bd sync`. Balances are copied from PostgreSQL with the id of the newest
+ledger line they include, and applied only where Redis is not already ahead (a daemon settling calls
+meanwhile); live reservations are left untouched (the reconciler settles those whose call has ended).
+Index keys (caller ID, PIN) that no longer belong to any account are removed.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -22,8 +25,8 @@ class SyncReport:
 
 
 async def sync_redis(conn: asyncpg.Connection, store: RedisStore) -> SyncReport:
-    accounts = await postgres.all_accounts(conn)
-    providers = await postgres.list_providers(conn)
+    accounts = await postgres.accounts_for_sync(conn)
+    providers = await postgres.providers_for_sync(conn)
     wanted = {callerid_key(c) for a in accounts for c in a["callerids"]}
     wanted |= {pin_key(a["pin"]) for a in accounts if a["pin"]}
     n_accounts = await store.put_accounts([dict(a) for a in accounts])
@@ -35,4 +38,10 @@ async def sync_redis(conn: asyncpg.Connection, store: RedisStore) -> SyncReport:
                 stale.append(key)
     if stale:
         await store.client.delete(*stale)
+    await store.mark_synced(time.time())
     return SyncReport(n_accounts, n_providers, len(stale))
+
+
+async def needs_sync(store: RedisStore) -> bool:
+    """True when Redis lost what sync wrote (restarted empty, flushed): the marker key is gone."""
+    return not await store.is_synced()

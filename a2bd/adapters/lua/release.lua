@@ -3,10 +3,12 @@
 -- KEYS[1]  a2b:{acct:N}          the account hash (its `held` total goes down by the call's hold)
 -- KEYS[2]  a2b:{acct:N}:calls    live calls: call id -> hold_micro
 -- KEYS[3]  a2b:{acct:N}:expiry   live calls by expiry
+-- KEYS[4]  a2b:{acct:N}:call     live calls' records
 -- ARGV[1]  call id
 --
 -- Returns 1 when the call was live, 0 when it was not (already released, settled or expired).
 
+redis.call('HDEL', KEYS[4], ARGV[1])
 local hold = redis.call('HGET', KEYS[2], ARGV[1])
 if not hold then
   return 0

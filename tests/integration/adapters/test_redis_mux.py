@@ -53,7 +53,7 @@ async def test_an_error_reply_fails_only_its_command(store: RedisStore, redis_ur
 
 
 async def test_the_database_of_the_url_is_selected(store: RedisStore, redis_url: str) -> None:
-    assert redis_url.endswith("/15")
+    assert redis_url.rsplit("/", 1)[1] != "0"  # a test database, never the default one
     await store.client.set("mux:db", "fifteen")
     mux = RedisMux(redis_url, timeout_s=2.0)
     try:

@@ -240,9 +240,9 @@ def test_provider_available(state: ProviderState, available: bool) -> None:
 def test_routes_cheapest_buy_rate_first_then_by_name() -> None:
     result = planned()
     assert result.routes == (
-        Route("beta", "PJSIP/442071234567@beta", 10_000),
-        Route("gamma", "SIP/gamma/00442071234567", 10_000),  # same price as beta: by name
-        Route("alpha", "PJSIP/442071234567@alpha", 20_000),
+        Route("beta", "PJSIP/442071234567@beta", BuyRate(10_000)),
+        Route("gamma", "SIP/gamma/00442071234567", BuyRate(10_000)),  # same price as beta: by name
+        Route("alpha", "PJSIP/442071234567@alpha", BuyRate(20_000)),
     )
 
 

@@ -1,0 +1,269 @@
+"""Charging: an ended call becomes one ledger line (batched), then Redis is settled from what was written.
+
+    tracker ──EndedCall──▶ submit() ──▶ queue ──▶ [Redis: keep it in :ended] ──▶ PostgreSQL: one batch
+                                                   ──▶ Redis: settle.lua per account, provider_settle.lua
+                                                   ──▶ publish a2b:changed (every guard re-checks)
+
+Order is what makes it exact. The ledger line is committed before Redis moves, and Redis is only ever SET to
+the balance a committed line states (settle.lua), so a crash anywhere leaves Redis behind PostgreSQL, never
+ahead, and the next settle or `a2bd sync` brings it level. A call is written at most once (the ledger's
+unique (call_id, kind) and the batch's fresh-filter), so replays and restarts never bill twice. While
+PostgreSQL is away the batch is retried with backoff and the queue grows (it is visible in the metrics);
+ended calls are also kept in Redis (`:ended`), so a daemon killed meanwhile loses none: the reconciler
+writes them at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from a2bd.adapters import postgres
+from a2bd.adapters.postgres import CallLine, WrittenLine
+from a2bd.adapters.redis_store import RedisStore, utc_day
+from a2bd.domain.calls import EndedCall, RatedCall, encode_ended, rate_call
+from a2bd.errors import StoreUnavailable
+from a2bd.observability import (
+    CALLS_RATED,
+    LEDGER_BACKLOG,
+    LEDGER_BATCH_LINES,
+    LEDGER_COMMIT_SECONDS,
+    LEDGER_REJECTED,
+    LEDGER_RETRIES,
+)
+
+log = structlog.get_logger("a2bd.charging")
+
+# PostgreSQL away (restarting, cut off, refusing): wait and retry the same batch. Anything else is a bug.
+_PG_DOWN = (OSError, TimeoutError, asyncpg.exceptions.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError, asyncpg.TooManyConnectionsError)
+
+
+def to_line(rated: RatedCall) -> CallLine:
+    return CallLine(
+        call_id=rated.call_id, account=rated.account, amount_micro=rated.amount_micro, seconds=rated.seconds,
+        destination=rated.destination, description=rated.description,
+        answered_at=datetime.fromtimestamp(rated.answered_ms / 1000, UTC),
+        ended_at=datetime.fromtimestamp(rated.ended_ms / 1000, UTC),
+        provider=rated.provider, provider_amount_micro=rated.provider_amount_micro,
+    )
+
+
+class LedgerWriter:
+    """Batches ended calls into the ledger and settles Redis after each commit.
+
+    `submit` never blocks and never drops: the queue is unbounded on purpose (a call that ended is money;
+    memory is the lesser risk, and the backlog gauge shows it growing).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: RedisStore,
+        *,
+        batch_lines: int = 500,
+        batch_ms: int = 5,
+        retry_max_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.pool = pool
+        self.store = store
+        self.batch_lines = batch_lines
+        self.batch_s = batch_ms / 1000
+        self.retry_max_s = retry_max_s
+        self.clock = clock
+        self._queue: deque[tuple[RatedCall, EndedCall | None]] = deque()
+        self._pending: set[str] = set()  # call ids queued or being written
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.written = 0  # fresh lines committed by this writer
+        self.rejected: list[RatedCall] = []  # lines PostgreSQL refused for good (unknown account)
+        self.on_settled: Callable[[Sequence[WrittenLine]], None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Calls not yet committed (queued, or in the batch being written)."""
+        return len(self._pending)
+
+    def is_pending(self, call_id: str) -> bool:
+        return call_id in self._pending
+
+    def charge(self, call: EndedCall) -> None:
+        """The tracker's sink: an answered call is queued for the ledger; any other frees its slot."""
+        if self.submit(call) is None:
+            task = asyncio.get_running_loop().create_task(self._release(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, call: EndedCall) -> None:
+        try:
+            await self.store.release(call.record.account, call.record.call_id)
+            await self.store.publish_changed([call.record.account])
+        except StoreUnavailable as exc:
+            log.warning("could not free an unanswered call's slot; the reconciler will", call=call.record.call_id,
+                        error=str(exc))
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    def submit(self, call: EndedCall) -> RatedCall | None:
+        """Queue an ended call; returns its line, or None when it bills nothing (the caller frees its slot)."""
+        rated = rate_call(call)
+        if rated is not None and rated.call_id not in self._pending:
+            self._pending.add(rated.call_id)
+            self._queue.append((rated, call))
+            self._signal()
+        return rated
+
+    def submit_rated(self, rated: RatedCall) -> None:
+        """Queue a line recovered from Redis or from the CDR table (already rated, already kept)."""
+        if rated.call_id in self._pending:
+            return
+        self._pending.add(rated.call_id)
+        self._queue.append((rated, None))
+        self._signal()
+
+    def _signal(self) -> None:
+        LEDGER_BACKLOG.set(len(self._pending))
+        self._idle.clear()
+        self._wake.set()
+
+    async def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until everything queued so far is written (or the timeout): True when empty."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Flush what is queued (bounded), then stop. Lines left are still in Redis (:ended)."""
+        if self._task is None:
+            return
+        flushed = await self.drain(timeout_s)
+        if not flushed:
+            log.error("ledger writer stopped with lines unwritten; they stay in Redis for the reconciler",
+                      backlog=len(self._pending))
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=timeout_s)
+        self._closing = True
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+            if len(self._queue) < self.batch_lines:
+                await asyncio.sleep(self.batch_s)  # let a batch gather: one commit for many calls
+            batch = [self._queue.popleft() for _ in range(min(self.batch_lines, len(self._queue)))]
+            try:
+                await self._keep(batch)
+                written = await self._write([rated for rated, _ in batch])
+                for rated, _ in batch:
+                    self._pending.discard(rated.call_id)
+                await self._settle(written)
+            except Exception:  # the writer must outlive any one bad batch; logged with its trace
+                log.exception("ledger batch failed; its calls stay in Redis for the reconciler", lines=len(batch))
+                for rated, _ in batch:
+                    self._pending.discard(rated.call_id)
+            LEDGER_BACKLOG.set(len(self._pending))
+
+    async def _keep(self, batch: Sequence[tuple[RatedCall, EndedCall | None]]) -> None:
+        """Put the ended calls in Redis before the ledger write: a daemon killed while PostgreSQL is away
+        loses none. Best effort: without Redis they are still in memory and about to be committed."""
+        fresh = [(rated, call) for rated, call in batch if call is not None]
+        if not fresh:
+            return
+        try:
+            await asyncio.gather(*(self.store.record_ended(rated.account, rated.call_id, encode_ended(call))
+                                   for rated, call in fresh if call is not None))
+        except StoreUnavailable as exc:
+            log.warning("could not keep ended calls in Redis before writing them", error=str(exc))
+
+    async def _write(self, batch: Sequence[RatedCall]) -> list[WrittenLine]:
+        lines = [to_line(rated) for rated in batch]
+        delay = 0.05
+        while True:
+            started = time.perf_counter()
+            try:
+                async with self.pool.acquire(timeout=5.0) as conn:
+                    written = await postgres.write_calls(conn, lines)
+                break
+            except asyncpg.UniqueViolationError:
+                # Another daemon wrote one of these calls between our filter and our insert: the retry's
+                # filter sees its line, and this batch writes only the others.
+                LEDGER_RETRIES.labels("race").inc()
+                continue
+            except _PG_DOWN as exc:
+                LEDGER_RETRIES.labels("unavailable").inc()
+                log.warning("PostgreSQL unavailable; ledger batch waits", lines=len(lines), backlog=len(self._pending),
+                            retry_in_s=round(delay, 2), error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+        LEDGER_COMMIT_SECONDS.observe(time.perf_counter() - started)
+        LEDGER_BATCH_LINES.observe(len(lines))
+        fresh = sum(1 for w in written if w.fresh)
+        self.written += fresh
+        CALLS_RATED.inc(fresh)
+        found = {w.call_id for w in written}
+        for rated in batch:
+            if rated.call_id not in found:
+                LEDGER_REJECTED.inc()
+                self.rejected.append(rated)
+                log.error("call not written: its account is not in PostgreSQL", call=rated.call_id,
+                          account=rated.account, amount_micro=rated.amount_micro)
+        return written
+
+    async def _settle(self, written: Sequence[WrittenLine]) -> None:
+        """Move Redis to what was committed: per account one settle.lua, per provider one provider_settle."""
+        day = utc_day(self.clock())
+        accounts: dict[str, list[WrittenLine]] = {}
+        providers: dict[str, list[WrittenLine]] = {}
+        for line in written:
+            accounts.setdefault(line.account, []).append(line)
+            if line.provider is not None:
+                providers.setdefault(line.provider, []).append(line)
+        jobs: list[Coroutine[Any, Any, object]] = []
+        for number, lines in accounts.items():
+            newest = max(lines, key=lambda w: w.line_id)
+            calls = [(w.call_id, w.seconds if w.fresh else 0) for w in lines]
+            jobs.append(self.store.settle(number, newest.line_id, newest.balance_after_micro, day, calls))
+        for name, lines in providers.items():
+            newest = max(lines, key=lambda w: w.line_id)
+            assert newest.provider_balance_after_micro is not None
+            seconds = sum(w.seconds for w in lines if w.fresh)
+            jobs.append(self.store.settle_provider(name, newest.line_id, newest.provider_balance_after_micro, day,
+                                                   seconds))
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("Redis settle failed after the ledger commit; `a2bd sync` or the next settle levels it",
+                        failures=len(failed), error=str(failed[0]))
+        try:
+            await self.store.publish_changed(accounts)
+        except StoreUnavailable as exc:
+            log.warning("could not tell the other daemons about settled calls", error=str(exc))
+        if self.on_settled is not None:
+            self.on_settled(written)

@@ -1,0 +1,169 @@
+"""The call tracker fed the AMI event streams recorded from a real Asterisk 22 (tests/fixtures/asterisk/).
+
+Each recorded call is reserved in the real Redis as a2bd's authorization would have done (same uniqueid,
+same account), then the capture's received bytes go through the AMI parser into the tracker, in the order
+and the chunks Asterisk sent them. What comes out is what charging gets: one EndedCall per billed leg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from a2bd.adapters.redis_store import RedisStore, calls_key
+from a2bd.ami.protocol import AmiMessage, AmiParser
+from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, encode_record
+from a2bd.domain.rating import SellRate
+from a2bd.domain.tariff import BuyRate
+from a2bd.services.tracker import CallTracker, RecentCalls
+from tests.transcripts import FIXTURES, load_capture
+
+pytestmark = pytest.mark.integration
+
+ACCOUNT = "1000000001"
+NOW_MS = 1_795_374_800_000  # the captures' epoch (2026-11-22)
+SELL = SellRate(rate_per_min_micro=600_000)  # 0.60 a minute, per second
+
+
+def events(name: str) -> list[AmiMessage]:
+    capture = load_capture(FIXTURES / name)[0]
+    parser = AmiParser()
+    out: list[AmiMessage] = []
+    for t_s, chunk in capture.recv_chunks():
+        # Stamped with the capture's receive time, as the client stamps what it reads.
+        out.extend(AmiMessage(m.headers, NOW_MS / 1000 + (t_s or 0.0)) for m in parser.feed(chunk))
+    return [m for m in out if m.is_event]
+
+
+def agi_uniqueids(name: str) -> list[str]:
+    ids = []
+    for capture in load_capture(FIXTURES / name):
+        for line in capture.received.decode().splitlines():
+            if line.startswith("agi_uniqueid: "):
+                ids.append(line.split(": ", 1)[1])
+    return ids
+
+
+async def reserve(store: RedisStore, uniqueid: str, recent: RecentCalls | None = None,
+                  extension: str = "2000") -> CallRecord:
+    await store.put_accounts([{
+        "number": ACCOUNT, "status": "active", "tariff": "t", "balance_micro": 10_000_000,
+        "credit_limit_micro": 0, "max_calls": 0, "expires_at": None, "restrict_mode": "none",
+        "restrict_prefixes": [], "timezone": "UTC", "currency": "EUR",
+    }])
+    # The route's dial string as the recorded dialplan dialled it: DialBegin reports "<exten>@callee".
+    rec = CallRecord(f"pbx1/{uniqueid}", ACCOUNT, extension, "test", extension[0], SELL,
+                     (RouteChoice("other", "Local/9@elsewhere", BuyRate(1)),
+                      RouteChoice("callee", f"Local/{extension}@callee", BuyRate(100_000))), NOW_MS)
+    reply = await store.reserve(ACCOUNT, rec.call_id, 10_000, NOW_MS, NOW_MS + 3_600_000, "", encode_record(rec))
+    assert reply is not None
+    if recent is not None:
+        recent.put(rec)
+    return rec
+
+
+async def track(store: RedisStore, stream: list[AmiMessage], recent: RecentCalls | None = None,
+                wait_s: float = 2.0) -> list[EndedCall]:
+    ended: list[EndedCall] = []
+    tracker = CallTracker("pbx1", store, ended.append, recent=recent, cdr_wait_s=0.2)
+    for message in stream:
+        tracker.handle(message)
+    async with asyncio.timeout(wait_s):
+        while tracker.live:  # closed by the burst itself, or by the cdr_wait timer, or after a Redis fetch
+            await asyncio.sleep(0.01)
+    await tracker.close()
+    return ended
+
+
+@pytest.mark.parametrize(("capture", "extension", "seconds"), [
+    ("01-answered-callee-hangup.ami.txt", "2000", 2),
+    ("01-answered-callee-hangup.ami-events-call-cdr.txt", "2000", 2),
+    ("02-duration-limit.ami.txt", "1001", 3),
+    ("03-ami-hangup-midcall.ami.txt", "1001", 2),
+    ("00b-accountcode-channel-func.ami.txt", "2000", 2),
+])
+async def test_an_answered_call_ends_once_with_the_cdrs_billable_seconds(store: RedisStore, capture: str,
+                                                                        extension: str, seconds: int) -> None:
+    agi = capture.split(".")[0] + ".agi.txt"
+    (uniqueid,) = agi_uniqueids(agi)
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent, extension)
+    ended = await track(store, events(capture), recent)
+    assert len(ended) == 1
+    call = ended[0]
+    assert call.record.call_id == f"pbx1/{uniqueid}"
+    assert (call.disposition, call.duration_s, call.cause) == ("ANSWERED", seconds, 16)
+    assert call.record.answered_ms is not None and call.record.provider == "callee"
+    assert call.record.channel.endswith(";2")  # the billed leg: what a Hangup action names
+
+
+@pytest.mark.parametrize("capture", ["04-busy.ami.txt", "05-no-answer.ami.txt"])
+async def test_busy_and_unanswered_end_once_unanswered_despite_their_two_cdrs(store: RedisStore,
+                                                                             capture: str) -> None:
+    (uniqueid,) = agi_uniqueids(capture.replace(".ami.", ".agi."))
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent)
+    ended = await track(store, events(capture), recent)
+    assert [e.disposition for e in ended] == [{"04-busy.ami.txt": "BUSY", "05-no-answer.ami.txt": "NO ANSWER"}[capture]]
+    assert ended[0].duration_s == 0
+
+
+async def test_a_denied_call_bills_nothing_and_frees_a_reservation_if_one_was_taken(store: RedisStore) -> None:
+    (uniqueid,) = agi_uniqueids("06-auth-denied-nofunds.agi.txt")
+    await reserve(store, uniqueid)  # as if the answer had been OK but the call never dialled
+    ended = await track(store, events("06-auth-denied-nofunds.ami.txt"))
+    assert ended == []
+    async with asyncio.timeout(2):
+        while await store.client.hlen(calls_key(ACCOUNT)):
+            await asyncio.sleep(0.01)
+
+
+async def test_two_concurrent_calls_of_one_account_each_end_once(store: RedisStore) -> None:
+    ids = agi_uniqueids("08-two-calls-same-account.agi.txt")
+    recent = RecentCalls()
+    for uniqueid in ids:
+        await reserve(store, uniqueid, recent, "1001")
+    ended = await track(store, events("08-two-calls-same-account.ami.txt"), recent)
+    assert sorted(e.record.call_id for e in ended) == sorted(f"pbx1/{u}" for u in ids)
+    assert all((e.disposition, e.duration_s) == ("ANSWERED", 2) for e in ended)
+
+
+async def test_replayed_events_never_end_a_call_twice(store: RedisStore) -> None:
+    (uniqueid,) = agi_uniqueids("01-answered-callee-hangup.agi.txt")
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent)
+    stream = events("01-answered-callee-hangup.ami-events-call-cdr.txt")
+    ended = await track(store, stream + stream, recent)
+    assert len(ended) == 1
+
+
+async def test_a_call_whose_start_was_missed_is_billed_from_its_record_in_redis(store: RedisStore) -> None:
+    # The tracker connected after DialBegin (a reconnect): no hand-over in memory, only the end burst.
+    (uniqueid,) = agi_uniqueids("01-answered-callee-hangup.agi.txt")
+    await reserve(store, uniqueid)
+    stream = events("01-answered-callee-hangup.ami-events-call-cdr.txt")
+    end_burst = [m for m in stream if m.event in {"Hangup", "Cdr"}]
+    ended = await track(store, end_burst)
+    assert len(ended) == 1
+    assert (ended[0].disposition, ended[0].duration_s) == ("ANSWERED", 2)
+
+
+async def test_events_of_channels_a2bd_never_reserved_are_ignored(store: RedisStore) -> None:
+    ended = await track(store, events("07-agi-server-down.ami.txt"))  # no accountcode anywhere
+    assert ended == []
+    # A leg with an accountcode but no reservation (another billing system's call): looked up, ignored.
+    ended = await track(store, events("01-answered-callee-hangup.ami-events-call-cdr.txt"))
+    assert ended == []
+
+
+async def test_a_missing_cdr_closes_the_call_from_its_events_after_the_wait(store: RedisStore) -> None:
+    (uniqueid,) = agi_uniqueids("02-duration-limit.agi.txt")
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent)
+    stream = [m for m in events("02-duration-limit.ami.txt") if m.event != "Cdr"]  # cdr_manager off
+    ended = await track(store, stream, recent)
+    assert len(ended) == 1
+    # Billed from DialEnd ANSWER to Hangup as the events' receive times show (3.003 s in the capture),
+    # floored as Asterisk floors BillableSeconds.
+    assert (ended[0].disposition, ended[0].duration_s) == ("ANSWERED", 3)
