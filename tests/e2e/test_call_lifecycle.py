@@ -52,13 +52,19 @@ CREATE TABLE IF NOT EXISTS cdr (
 
 async def seed(pg: asyncpg.Connection) -> None:
     await postgres.add_provider(pg, "carrier-a", "PJSIP/{number}@carrier-a")
+    # carrier-b stops taking traffic as soon as we owe it anything at all (balance limit of 1 micro-unit).
+    await postgres.add_provider(pg, "carrier-b", "PJSIP/{number}@carrier-b", balance_limit_micro=1)
     await postgres.replace_tariff(pg, "retail", [
         RateEntry("99", "Fast test destination", FAST, "carrier-a", FAST_BUY),
         RateEntry("49", "Germany", NORMAL, "carrier-a", NORMAL_BUY),
+        RateEntry("77", "Only via carrier-b", NORMAL, "carrier-b", NORMAL_BUY),
     ])
     add = postgres.create_account
     await add(pg, number="1000000001", tariff="retail", initial_balance_micro=10_000_000)
     await add(pg, number="1000000002", tariff="retail", initial_balance_micro=500_000)  # 0.50: 5 s of FAST
+    await add(pg, number="1000000003", tariff="retail", initial_balance_micro=10_000_000, daily_limit_s=2)
+    await add(pg, number="1000000004", tariff="retail", initial_balance_micro=10_000_000,
+              low_credit_threshold_micro=9_990_000)
     await pg.execute(CDR_TABLE)
     await pg.execute("TRUNCATE cdr")
 
@@ -268,3 +274,34 @@ async def test_redis_restarted_empty_with_a_live_call_loses_nothing(rig: Rig) ->
     # And it authorizes again from the rebuilt state.
     again = await rig.sim.call(CallSpec(extension="4930123456", accountcode="1000000001", talk_s=0.2))
     assert again.status == "OK"
+
+
+async def test_the_daily_minute_limit_of_an_account_caps_then_denies(rig: Rig) -> None:
+    first = await rig.sim.call(CallSpec(extension="9912345", accountcode="1000000003", talk_s=5.0))
+    assert first.variables["A2B_LIMIT_MS"] == "2000"  # 2 s left today, whatever the credit
+    assert (first.ended_by, first.billable_s) == ("limit", 2)
+    await rig.settled("1000000003")
+    second = await rig.sim.call(CallSpec(extension="9912345", accountcode="1000000003", talk_s=1.0))
+    assert (second.status, second.variables.get("A2B_HANGUPCAUSE")) == ("DAILYLIMIT", "34")
+
+
+async def test_a_carrier_over_its_balance_limit_is_skipped_when_routing(rig: Rig) -> None:
+    first = await rig.sim.call(CallSpec(extension="7712345", accountcode="1000000001", talk_s=1.1))
+    assert first.status == "OK" and first.variables["A2B_ROUTE_1"] == "PJSIP/7712345@carrier-b"
+    await rig.settled("1000000001")
+    owed = await rig.pg.fetchval("SELECT balance_micro FROM providers WHERE name = 'carrier-b'")
+    assert owed > 0  # the call's buy cost: now over its limit
+    async with asyncio.timeout(5):  # every daemon re-reads carriers from Redis each second
+        while (again := await rig.sim.call(CallSpec(extension="7712345", accountcode="1000000001",
+                                                    talk_s=0.1))).status == "OK":
+            await rig.settled("1000000001")
+    assert again.status == "NOROUTE"
+
+
+async def test_a_low_credit_notice_is_recorded_once_per_crossing(rig: Rig) -> None:
+    for _ in range(2):  # the first call crosses 9.99; the second stays below: no second notice
+        await rig.sim.call(CallSpec(extension="4930123456", accountcode="1000000004", talk_s=1.0))
+        await rig.settled("1000000004")
+    notices = await rig.pg.fetch(
+        "SELECT n.* FROM notices n JOIN accounts a ON a.id = n.account_id WHERE a.number = '1000000004'")
+    assert [n["kind"] for n in notices] == ["low_credit"]

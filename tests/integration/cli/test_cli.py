@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 
 import asyncpg
@@ -156,3 +157,58 @@ async def test_unreachable_servers_are_one_line(monkeypatch: pytest.MonkeyPatch,
     assert await a2bd("db", "migrate") == 1
     err = capsys.readouterr().err
     assert err.startswith("a2bd: PostgreSQL at 127.0.0.1:1/a2bd is unreachable")
+
+
+async def test_provider_pay_and_account_pay_are_ledger_lines_that_reach_redis(
+    pg: asyncpg.Connection, store: RedisStore, capsys: pytest.CaptureFixture[str],
+) -> None:
+    await setup_tariff(capsys)
+    assert await a2bd("account", "add", "--tariff", "retail", "--number", "5550001", "--balance", "1.00") == 0
+    capsys.readouterr()
+    # We owe carrier-a nothing yet; paying 500.00 in advance puts it at -500.00; a correction of -20 raises it.
+    assert await a2bd("provider", "pay", "carrier-a", "500.00", "--note", "wire 2026-11") == 0
+    assert "we now owe -500.00" in capsys.readouterr().out
+    assert await a2bd("provider", "pay", "carrier-a", "-20") == 0
+    owed = await pg.fetchval("SELECT balance_micro FROM providers WHERE name = 'carrier-a'")
+    assert owed == -480_000_000
+    assert await store.client.hget("a2b:prov:carrier-a", "balance") == str(owed)
+    kinds = [r["kind"] for r in await pg.fetch("SELECT kind FROM ledger WHERE provider_id IS NOT NULL ORDER BY id")]
+    assert kinds == ["provider_payment", "provider_payment"]
+    assert await a2bd("account", "pay", "5550001", "2.50") == 0
+    assert "balance 3.50" in capsys.readouterr().out
+    assert await a2bd("account", "pay", "5550001", "-0.50", "--kind", "charge", "--note", "report fee") == 0
+    assert await store.client.hget(account_key("5550001"), "balance") == "3000000"
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = '5550001'") == 3_000_000
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["provider", "pay", "nope", "1"], "provider nope does not exist"),
+    (["account", "pay", "999999", "1"], "account 999999 does not exist"),
+    (["account", "pay", "999999", "1.0000001"], "amount"),
+])
+async def test_paying_what_does_not_exist_or_an_unexact_amount_is_one_clear_line(
+    pg: asyncpg.Connection, store: RedisStore, capsys: pytest.CaptureFixture[str], argv: list[str], message: str,
+) -> None:
+    assert await a2bd(*argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+async def test_reconcile_reports_what_it_fixed(pg: asyncpg.Connection, store: RedisStore, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from a2bd.sim.ami import SimAsterisk
+
+    await setup_tariff(capsys)
+    assert await a2bd("account", "add", "--tariff", "retail", "--number", "5550002", "--balance", "1.00") == 0
+    now = int(time.time() * 1000)
+    # A reservation whose call Asterisk no longer has and nobody saw end: released, reported.
+    await store.reserve("5550002", "pbx1/1795000001.1", 10_000, now, now + 60_000)
+    async with SimAsterisk(username="a2bd", secret="pw", auth_fail_delay_s=0) as sim:
+        config = tmp_path / "a2bd.toml"
+        config.write_text(f'[[asterisk]]\nname = "pbx1"\nport = {sim.port}\nsecret_file = "{tmp_path}/s"\n')
+        (tmp_path / "s").write_text("pw\n")
+        capsys.readouterr()
+        assert await a2bd("reconcile", "--json", "--config", str(config)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["released"] == 1 and report["calls"]["released"] == ["pbx1/1795000001.1"]
+    assert report["servers_unreachable"] == []
