@@ -31,6 +31,7 @@ from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.observability import REGISTRY
 from a2bd.sim.ami import CallSpec, CdrRecord, SimAsterisk
+from tests.proxy import proxied
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -138,7 +139,13 @@ async def rig(pg: asyncpg.Connection, pg_url: str, store: RedisStore, redis_url:
         await pg_pool.close()
 
 
+def metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
 async def test_an_answered_call_is_billed_once_to_the_account_and_the_carrier(rig: Rig) -> None:
+    rated, batches = metric("a2bd_calls_rated_total"), metric("a2bd_ledger_batch_lines_count")
+    assert metric("a2bd_ami_connected", {"server": "pbx1"}) == 1
     result = await rig.sim.call(CallSpec(extension="4930123456", accountcode="1000000001", talk_s=1.2))
     assert (result.status, result.disposition) == ("OK", "ANSWERED")
     await rig.settled("1000000001")
@@ -155,6 +162,9 @@ async def test_an_answered_call_is_billed_once_to_the_account_and_the_carrier(ri
     assert line["balance_after_micro"] == pg_balance
     owed = await rig.pg.fetchval("SELECT balance_micro FROM providers WHERE name = 'carrier-a'")
     assert owed == line["provider_amount_micro"]
+    assert metric("a2bd_calls_rated_total") == rated + 1
+    assert metric("a2bd_ledger_batch_lines_count") == batches + 1
+    assert metric("a2bd_calls_ended_total", {"disposition": "ANSWERED"}) >= 1
 
 
 @pytest.mark.parametrize("outcome", ["busy", "noanswer"])
@@ -305,3 +315,42 @@ async def test_a_low_credit_notice_is_recorded_once_per_crossing(rig: Rig) -> No
     notices = await rig.pg.fetch(
         "SELECT n.* FROM notices n JOIN accounts a ON a.id = n.account_id WHERE a.number = '1000000004'")
     assert [n["kind"] for n in notices] == ["low_credit"]
+
+
+async def test_postgresql_unreachable_while_calls_end_loses_and_doubles_nothing(
+    pg: asyncpg.Connection, pg_url: str, store: RedisStore, redis_url: str,
+) -> None:
+    # The daemon reaches PostgreSQL only through a TCP proxy; the proxy refuses and drops connections for a
+    # few seconds while calls end. Authorization goes on from Redis; the lines wait and are written after.
+    await seed(pg)
+    async with proxied(pg_url) as (proxy, via_proxy):
+        sim = SimAsterisk(username="a2bd", secret=SECRET, seed=5)
+        await sim.start()
+        daemon = Daemon(settings_for(via_proxy, redis_url, sim.port, reconcile_interval_s=3600))
+        try:
+            await daemon.start()
+            assert daemon.agi is not None and daemon.lifecycle is not None
+            sim.agi = ("127.0.0.1", daemon.agi.port)
+            await proxy.refuse()
+            results = await asyncio.gather(*(
+                sim.call(CallSpec(extension="4930123456", accountcode="1000000001", talk_s=0.5 + i / 10))
+                for i in range(6)))
+            assert all(r.status == "OK" and r.disposition == "ANSWERED" for r in results)
+            async with asyncio.timeout(5):
+                while daemon.lifecycle.writer.backlog < len(results):  # ended, rated, waiting
+                    await asyncio.sleep(0.02)
+            assert (REGISTRY.get_sample_value("a2bd_ledger_backlog") or 0) >= len(results)
+            await asyncio.sleep(2)  # PostgreSQL stays away a while longer
+            assert await pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 0
+            await proxy.restore()
+            async with asyncio.timeout(20):
+                while daemon.lifecycle.writer.backlog or await store.client.hlen(calls_key("1000000001")):
+                    await asyncio.sleep(0.05)
+        finally:
+            await daemon.close(grace_s=2)
+            await sim.close()
+    lines = await pg.fetch("SELECT call_id, seconds, amount_micro FROM ledger WHERE kind = 'call'")
+    assert sorted(r["call_id"] for r in lines) == sorted(f"pbx1/{r.uniqueid}" for r in results)
+    spent = sum(cost_micro(NORMAL, r.billable_s) for r in results)
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = '1000000001'") == 10_000_000 - spent
+    assert int(await store.client.hget(account_key("1000000001"), "balance")) == 10_000_000 - spent
