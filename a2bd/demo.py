@@ -1,10 +1,10 @@
 """`make demo`: the main job, end to end, on this machine's servers (or embedded ones).
 
 It creates a scratch database `a2bd_demo`, applies the schema, adds two carriers, imports the sample
-rate card, creates accounts of every kind, starts the daemon on a free port, and plays a burst of
-FastAGI authorizations as Asterisk would. It prints what each kind of call was answered, the burst's
-latency, and shows that 50 simultaneous calls on a small credit get only what the credit pays for.
-Everything it created is dropped at the end.
+rate card, creates accounts of every kind, starts a simulated Asterisk (AMI) and the daemon on free ports,
+and plays calls as Asterisk would: one of each kind, 50 at once on a small credit, calls followed over AMI
+to their ledger lines, three calls on one small credit cut together by the credit guard, and a burst of
+FastAGI authorizations. Everything it created is dropped at the end.
 """
 
 from __future__ import annotations
@@ -21,13 +21,24 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from a2bd.adapters import postgres
-from a2bd.config import AgiSettings, LogSettings, MetricsSettings, PostgresSettings, RedisSettings, Settings
+from a2bd.config import (
+    AgiSettings,
+    AsteriskServer,
+    LogSettings,
+    MetricsSettings,
+    PostgresSettings,
+    RedisSettings,
+    Settings,
+)
 from a2bd.daemon import Daemon
 from a2bd.devservers import find_servers
 from a2bd.domain.money import format_amount
 from a2bd.domain.ratecard import parse_ratecard
+from a2bd.domain.rating import SellRate
+from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.observability import configure_logging
 from a2bd.sim.agi import SimResult, make_environment, run_session
+from a2bd.sim.ami import CallSpec, SimAsterisk
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_tariff.csv"
 DB = "a2bd_demo"
@@ -44,7 +55,11 @@ ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
     ("2000000006", "pinless by caller ID 33198765432",
      dict(initial_balance_micro=3_000_000, callerids=["33198765432"])),
     ("2000000007", "wholesale, 1000.00, for the burst", dict(initial_balance_micro=1_000_000_000)),
+    ("2000000008", "pre-paid, 0.50, three calls at once", dict(initial_balance_micro=500_000)),
 ]
+# A destination priced so that credit runs out in seconds: 6.00 a minute, per second (0.10 a second).
+FAST = RateEntry("999", "Demo premium line", SellRate(rate_per_min_micro=6_000_000), "carrier-a", BuyRate(3_000_000))
+AMI_SECRET = "demo-secret"  # noqa: S105 - the simulated Asterisk of the demo, on loopback
 
 
 def _database(url: str, name: str) -> str:
@@ -67,7 +82,7 @@ async def setup(pg_url: str) -> None:
             entries, errors = parse_ratecard(fh)
         if errors:
             raise SystemExit(f"sample tariff has errors: {errors}")
-        await postgres.replace_tariff(conn, "retail", entries)
+        await postgres.replace_tariff(conn, "retail", [*entries, FAST])
         for number, _, fields in ACCOUNTS:
             extra = dict(fields)
             balance = extra.pop("initial_balance_micro")
@@ -134,6 +149,41 @@ async def burst(port: int) -> None:
     print(f"  answers: {dict(statuses)}")
 
 
+async def lifecycle(sim: SimAsterisk, pg_url: str) -> None:
+    print("\n== calls followed over AMI, rated and written to the ledger ==")
+    calls = await asyncio.gather(
+        sim.call(CallSpec(extension="33123456789", accountcode="2000000001", talk_s=5.0)),
+        sim.call(CallSpec(extension="4930123456", accountcode="2000000001", ring_s=0.3, talk_s=3.0)),
+        sim.call(CallSpec(extension="33612345678", accountcode="2000000001", outcome="busy", ring_s=0.2)),
+    )
+    for r in calls:
+        print(f"  {r.variables.get('A2B_ROUTE_1', '-'):<32} {r.disposition:<10} {r.billable_s} s")
+
+    print("\n== three calls on one 0.50 credit at 0.10 a second, answered half a second apart ==")
+    three = await asyncio.gather(*(
+        sim.call(CallSpec(extension="9991234", accountcode="2000000008", ring_s=ring, talk_s=30.0))
+        for ring in (0.0, 0.5, 1.0)))
+    limits = [int(r.variables["A2B_LIMIT_MS"]) // 1000 for r in three]
+    print(f"  each call's own Dial L() limit: {limits} s, which alone would let them spend "
+          f"{format_amount(sum(limits) * 100_000)}")
+    for r in three:
+        print(f"  {r.channel:<32} answered, ended by {r.ended_by} after {r.billable_s} s")
+    await asyncio.sleep(0.5)  # the ledger writer commits every few milliseconds
+    conn = await asyncpg.connect(pg_url)
+    try:
+        lines = await conn.fetch(
+            "SELECT a.number, l.amount_micro, l.balance_after_micro, l.description FROM ledger l"
+            " JOIN accounts a ON a.id = l.account_id WHERE l.kind = 'call' ORDER BY l.id")
+        owed = await conn.fetch("SELECT name, balance_micro FROM providers ORDER BY name")
+    finally:
+        await conn.close()
+    print("\n== the ledger's call lines ==")
+    for line in lines:
+        print(f"  {line['number']}  {format_amount(line['amount_micro']):>7}  balance after "
+              f"{format_amount(line['balance_after_micro']):>7}  {line['description']}")
+    print("  owed to carriers: " + ", ".join(f"{r['name']} {format_amount(r['balance_micro'])}" for r in owed))
+
+
 async def show_accounts(pg_url: str) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
@@ -156,9 +206,12 @@ async def main() -> None:
     await admin.execute(f"CREATE DATABASE {DB}")
     pg_url = _database(servers.pg_url, DB)
     redis_url = _redis_db(servers.redis_url, REDIS_DB)
+    sim = SimAsterisk(username="a2bd", secret=AMI_SECRET)
+    await sim.start()
     settings = Settings(
         agi=AgiSettings(host="127.0.0.1", port=0), redis=RedisSettings(url=redis_url),
         postgres=PostgresSettings(url=pg_url), metrics=MetricsSettings(port=0), log=LogSettings(level="warning"),
+        asterisk=(AsteriskServer(name="pbx1", host="127.0.0.1", port=sim.port, secret=AMI_SECRET),),
     ).validate()
     daemon = Daemon(settings)
     try:
@@ -166,10 +219,15 @@ async def main() -> None:
         await show_accounts(pg_url)
         await daemon.start()
         assert daemon.agi is not None
-        print(f"\na2bd is answering FastAGI on 127.0.0.1:{daemon.agi.port}")
+        sim.agi = ("127.0.0.1", daemon.agi.port)
+        print(f"\na2bd is answering FastAGI on 127.0.0.1:{daemon.agi.port}, following the simulated Asterisk's AMI "
+              f"on 127.0.0.1:{sim.port}")
+        await lifecycle(sim, pg_url)
         await burst(daemon.agi.port)
+        await show_accounts(pg_url)
     finally:
         await daemon.close(grace_s=2)
+        await sim.close()
         await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         await admin.close()
         if not redis_url.startswith("unix://"):
