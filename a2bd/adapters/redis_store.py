@@ -21,8 +21,8 @@ Redis Cluster):
     a2b:prov:<name>        hash   name, dial, enabled, balance, lid, balance_limit, daily_limit_s, day, today_s
     a2b:providers          set    provider names
     a2b:synced             string Unix time of the last load from PostgreSQL (gone: Redis must be reloaded)
-    a2b:changed            pub/sub channel: an account number whose credit or live calls changed (every
-                                  daemon re-checks the credit guard of that account)
+    a2b:changed            pub/sub channel: account numbers (comma-separated) whose credit or live calls
+                                  changed (every daemon re-checks the credit guard of those accounts)
 
 Money is integer micro-units in decimal text. Every call is bounded by the client's socket timeout.
 """
@@ -254,6 +254,16 @@ class RedisStore:
         await self._guard(self.mux.execute("HSET", ended_key(number), call_id, record))
         await self._guard(self.mux.execute("HDEL", record_key(number), call_id))
 
+    async def record_ended_many(self, calls: Sequence[tuple[str, str, str]]) -> None:
+        """record_ended for many (account, call id, record) in one write."""
+        commands: list[list[str | int]] = []
+        for number, call_id, record in calls:
+            commands.append(["HSET", ended_key(number), call_id, record])
+            commands.append(["HDEL", record_key(number), call_id])
+        for reply in await self._guard(self.mux.execute_many(commands)):
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreUnavailable(f"Redis refused to keep an ended call: {reply}")
+
     async def settle(
         self, number: str, line_id: int, balance_micro: int, day: str, calls: Sequence[tuple[str, int]]
     ) -> tuple[int, bool]:
@@ -264,6 +274,36 @@ class RedisStore:
             args += [call_id, seconds]
         freed, _balance, exists = await self._guard(self._settle(self.mux, settle_keys(number), args))
         return int(freed), bool(exists)
+
+    async def settle_many(
+        self,
+        accounts: Sequence[tuple[str, int, int, Sequence[tuple[str, int]]]],
+        providers: Sequence[tuple[str, int, int, int]],
+        day: str,
+    ) -> list[str]:
+        """settle.lua for each (account, line id, balance, [(call id, seconds)]) and provider_settle.lua for
+        each (provider, line id, balance, seconds), in one write. Returns the accounts whose hash is missing
+        (Redis lost them: `a2bd sync` brings them back)."""
+        commands: list[list[str | int]] = []
+        for number, line_id, balance, calls in accounts:
+            keys = settle_keys(number)
+            args: list[str | int] = [line_id, balance, day]
+            for call_id, seconds in calls:
+                args += [call_id, seconds]
+            commands.append(["EVALSHA", self._settle.sha, len(keys), *keys, *args])
+        for name, line_id, balance, seconds in providers:
+            commands.append(["EVALSHA", self._provider_settle.sha, 1, provider_key(name), line_id, balance, day,
+                             seconds, "0"])
+        replies = await self._guard(self.mux.execute_many(commands))
+        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+            # Redis restarted or flushed its scripts: load them and send the batch again (both are idempotent).
+            for script in (self._settle, self._provider_settle):
+                await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
+            replies = await self._guard(self.mux.execute_many(commands))
+        errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
+        if errors:
+            raise StoreUnavailable(f"Redis refused a settle: {errors[0]}")
+        return [number for (number, *_), reply in zip(accounts, replies, strict=False) if not reply[2]]
 
     async def settle_provider(self, name: str, line_id: int, balance_micro: int, day: str, seconds: int) -> None:
         await self._guard(self._provider_settle(self.mux, [provider_key(name)],
@@ -305,11 +345,11 @@ class RedisStore:
         return {call_id for (_, call_id), there in zip(calls, found, strict=True) if there}
 
     async def publish_changed(self, numbers: Iterable[str]) -> None:
-        """Tell every daemon (and this one) that these accounts' credit or live calls changed."""
-        pipe = self.client.pipeline(transaction=False)
-        for number in numbers:
-            pipe.publish(CHANGED_CHANNEL, number)
-        await self._guard(pipe.execute())
+        """Tell every daemon (and this one) that these accounts' credit or live calls changed: one message,
+        the numbers joined by commas."""
+        message = ",".join(numbers)
+        if message:
+            await self._guard(self.mux.execute("PUBLISH", CHANGED_CHANNEL, message))
 
     # -- reads for operators and routing ----------------------------------------------------------
 

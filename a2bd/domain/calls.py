@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate
@@ -53,25 +54,28 @@ class CallRecord:
         return None
 
 
-def encode_record(rec: CallRecord) -> str:
+def _record_dict(rec: CallRecord) -> dict[str, Any]:
     s = rec.sell
-    return json.dumps(
-        {
-            "id": rec.call_id, "a": rec.account, "d": rec.destination, "n": rec.description, "p": rec.prefix,
-            "r": [s.rate_per_min_micro, s.connect_micro, s.disconnect_micro, s.initial_block_s, s.increment_s,
-                  s.grace_s, s.min_cost_micro],
-            "rt": [[r.provider, r.dial, r.buy.rate_per_min_micro, r.buy.initial_block_s, r.buy.increment_s]
-                   for r in rec.routes],
-            "t": rec.reserved_ms, "ans": rec.answered_ms, "ch": rec.channel, "via": rec.provider,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    return {
+        "id": rec.call_id, "a": rec.account, "d": rec.destination, "n": rec.description, "p": rec.prefix,
+        "r": [s.rate_per_min_micro, s.connect_micro, s.disconnect_micro, s.initial_block_s, s.increment_s,
+              s.grace_s, s.min_cost_micro],
+        "rt": [[r.provider, r.dial, r.buy.rate_per_min_micro, r.buy.initial_block_s, r.buy.increment_s]
+               for r in rec.routes],
+        "t": rec.reserved_ms, "ans": rec.answered_ms, "ch": rec.channel, "via": rec.provider,
+    }
+
+
+def encode_record(rec: CallRecord) -> str:
+    return json.dumps(_record_dict(rec), separators=(",", ":"), ensure_ascii=False)
 
 
 def decode_record(text: str) -> CallRecord:
     """Raises ValueError (json.JSONDecodeError is one) or KeyError/TypeError on a damaged record."""
-    d = json.loads(text)
+    return _record_from(json.loads(text))
+
+
+def _record_from(d: dict[str, Any]) -> CallRecord:
     return CallRecord(
         call_id=d["id"], account=d["a"], destination=d["d"], description=d["n"], prefix=d["p"],
         sell=SellRate(*d["r"]),
@@ -95,7 +99,7 @@ class EndedCall:
 
 def encode_ended(call: EndedCall) -> str:
     return json.dumps(
-        {"rec": encode_record(call.record), "e": call.ended_ms, "s": call.duration_s, "disp": call.disposition,
+        {"rec": _record_dict(call.record), "e": call.ended_ms, "s": call.duration_s, "disp": call.disposition,
          "c": call.cause, "g": call.cut_by_guard},
         separators=(",", ":"),
         ensure_ascii=False,
@@ -104,7 +108,7 @@ def encode_ended(call: EndedCall) -> str:
 
 def decode_ended(text: str) -> EndedCall:
     d = json.loads(text)
-    return EndedCall(decode_record(d["rec"]), d["e"], d["s"], d["disp"], d["c"], d["g"])
+    return EndedCall(_record_from(d["rec"]), d["e"], d["s"], d["disp"], d["c"], d["g"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Charging: an ended call becomes one ledger line (batched), then Redis is settled from what was written.
 
-    tracker ──EndedCall──▶ submit() ──▶ queue ──▶ [Redis: keep it in :ended] ──▶ PostgreSQL: one batch
+    tracker ──EndedCall──▶ submit() ──▶ queue ──▶ PostgreSQL: one batch (while it is away: kept in :ended)
                                                    ──▶ Redis: settle.lua per account, provider_settle.lua
                                                    ──▶ publish a2b:changed (every guard re-checks)
 
@@ -8,9 +8,9 @@ Order is what makes it exact. The ledger line is committed before Redis moves, a
 the balance a committed line states (settle.lua), so a crash anywhere leaves Redis behind PostgreSQL, never
 ahead, and the next settle or `a2bd sync` brings it level. A call is written at most once (the ledger's
 unique (call_id, kind) and the batch's fresh-filter), so replays and restarts never bill twice. While
-PostgreSQL is away the batch is retried with backoff and the queue grows (it is visible in the metrics);
-ended calls are also kept in Redis (`:ended`), so a daemon killed meanwhile loses none: the reconciler
-writes them at the next start.
+PostgreSQL is away the batch is retried with backoff and the queue grows (it is visible in the metrics),
+and every waiting call is kept in Redis (`:ended`), so a daemon killed meanwhile loses none: the
+reconciler writes them at the next start.
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import structlog
@@ -81,6 +80,7 @@ class LedgerWriter:
         self.clock = clock
         self._queue: deque[tuple[RatedCall, EndedCall | None]] = deque()
         self._pending: set[str] = set()  # call ids queued or being written
+        self._kept: set[str] = set()  # call ids kept in Redis during a PostgreSQL outage
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -179,8 +179,7 @@ class LedgerWriter:
                 await asyncio.sleep(self.batch_s)  # let a batch gather: one commit for many calls
             batch = [self._queue.popleft() for _ in range(min(self.batch_lines, len(self._queue)))]
             try:
-                await self._keep(batch)
-                written = await self._write([rated for rated, _ in batch])
+                written = await self._write(batch)
                 for rated, _ in batch:
                     self._pending.discard(rated.call_id)
                 await self._settle(written)
@@ -190,20 +189,23 @@ class LedgerWriter:
                     self._pending.discard(rated.call_id)
             LEDGER_BACKLOG.set(len(self._pending))
 
-    async def _keep(self, batch: Sequence[tuple[RatedCall, EndedCall | None]]) -> None:
-        """Put the ended calls in Redis before the ledger write: a daemon killed while PostgreSQL is away
-        loses none. Best effort: without Redis they are still in memory and about to be committed."""
-        fresh = [(rated, call) for rated, call in batch if call is not None]
-        if not fresh:
+    async def _keep(self, items: Sequence[tuple[RatedCall, EndedCall | None]]) -> None:
+        """Put ended calls in Redis while PostgreSQL is away: a daemon killed meanwhile loses none (the
+        reconciler writes them at the next start). Best effort: without Redis they are still in memory.
+        Only during an outage: when the ledger answers, a call is committed a few milliseconds after it
+        ends and keeping it first would double the Redis work of every call."""
+        todo = [(rated, call) for rated, call in items if call is not None and rated.call_id not in self._kept]
+        if not todo:
             return
         try:
-            await asyncio.gather(*(self.store.record_ended(rated.account, rated.call_id, encode_ended(call))
-                                   for rated, call in fresh if call is not None))
+            await self.store.record_ended_many([(r.account, r.call_id, encode_ended(c)) for r, c in todo
+                                                if c is not None])
+            self._kept.update(rated.call_id for rated, _ in todo)
         except StoreUnavailable as exc:
-            log.warning("could not keep ended calls in Redis before writing them", error=str(exc))
+            log.warning("could not keep ended calls in Redis while PostgreSQL is away", error=str(exc))
 
-    async def _write(self, batch: Sequence[RatedCall]) -> list[WrittenLine]:
-        lines = [to_line(rated) for rated in batch]
+    async def _write(self, batch: Sequence[tuple[RatedCall, EndedCall | None]]) -> list[WrittenLine]:
+        lines = [to_line(rated) for rated, _ in batch]
         delay = 0.05
         while True:
             started = time.perf_counter()
@@ -218,22 +220,30 @@ class LedgerWriter:
                 continue
             except _PG_DOWN as exc:
                 LEDGER_RETRIES.labels("unavailable").inc()
+                await self._keep([*batch, *self._queue])  # this batch and all that waits behind it
                 log.warning("PostgreSQL unavailable; ledger batch waits", lines=len(lines), backlog=len(self._pending),
                             retry_in_s=round(delay, 2), error=str(exc) or type(exc).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.retry_max_s)
         LEDGER_COMMIT_SECONDS.observe(time.perf_counter() - started)
         LEDGER_BATCH_LINES.observe(len(lines))
+        if self._kept:
+            self._kept.difference_update(rated.call_id for rated, _ in batch)
         fresh = sum(1 for w in written if w.fresh)
         self.written += fresh
         CALLS_RATED.inc(fresh)
         found = {w.call_id for w in written}
-        for rated in batch:
-            if rated.call_id not in found:
-                LEDGER_REJECTED.inc()
-                self.rejected.append(rated)
-                log.error("call not written: its account is not in PostgreSQL", call=rated.call_id,
-                          account=rated.account, amount_micro=rated.amount_micro)
+        refused = [(rated, call) for rated, call in batch if rated.call_id not in found]
+        for rated, _ in refused:
+            LEDGER_REJECTED.inc()
+            self.rejected.append(rated)
+            log.error("call not written: its account is not in PostgreSQL", call=rated.call_id,
+                      account=rated.account, amount_micro=rated.amount_micro)
+        if refused:
+            # Kept in Redis (:ended) and in `rejected`: `a2bd reconcile` writes them once the account exists.
+            self._kept.difference_update(rated.call_id for rated, _ in refused)
+            await self._keep(refused)
+            self._kept.difference_update(rated.call_id for rated, _ in refused)
         return written
 
     async def _settle(self, written: Sequence[WrittenLine]) -> None:
@@ -245,25 +255,24 @@ class LedgerWriter:
             accounts.setdefault(line.account, []).append(line)
             if line.provider is not None:
                 providers.setdefault(line.provider, []).append(line)
-        jobs: list[Coroutine[Any, Any, object]] = []
+        account_jobs = []
         for number, lines in accounts.items():
             newest = max(lines, key=lambda w: w.line_id)
             calls = [(w.call_id, w.seconds if w.fresh else 0) for w in lines]
-            jobs.append(self.store.settle(number, newest.line_id, newest.balance_after_micro, day, calls))
+            account_jobs.append((number, newest.line_id, newest.balance_after_micro, calls))
+        provider_jobs = []
         for name, lines in providers.items():
             newest = max(lines, key=lambda w: w.line_id)
             assert newest.provider_balance_after_micro is not None
             seconds = sum(w.seconds for w in lines if w.fresh)
-            jobs.append(self.store.settle_provider(name, newest.line_id, newest.provider_balance_after_micro, day,
-                                                   seconds))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            log.warning("Redis settle failed after the ledger commit; `a2bd sync` or the next settle levels it",
-                        failures=len(failed), error=str(failed[0]))
+            provider_jobs.append((name, newest.line_id, newest.provider_balance_after_micro, seconds))
         try:
+            missing = await self.store.settle_many(account_jobs, provider_jobs, day)
+            if missing:
+                log.warning("accounts missing from Redis at settle; the next sync loads them", accounts=len(missing))
             await self.store.publish_changed(accounts)
         except StoreUnavailable as exc:
-            log.warning("could not tell the other daemons about settled calls", error=str(exc))
+            log.warning("Redis settle failed after the ledger commit; `a2bd sync` or the next settle levels it",
+                        error=str(exc))
         if self.on_settled is not None:
             self.on_settled(written)

@@ -154,7 +154,8 @@ class CreditGuard:
                 async for message in pubsub.listen():
                     data = message.get("data")
                     if isinstance(data, str):
-                        self.touch(data)
+                        for account in data.split(","):
+                            self.touch(account)
             except (RedisError, OSError) as exc:
                 log.warning("credit guard lost the Redis change feed; resubscribing", error=str(exc))
                 for account in list(self.accounts):
