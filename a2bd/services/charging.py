@@ -81,12 +81,12 @@ class LedgerWriter:
         self._queue: deque[tuple[RatedCall, EndedCall | None]] = deque()
         self._pending: set[str] = set()  # call ids queued or being written
         self._kept: set[str] = set()  # call ids kept in Redis during a PostgreSQL outage
+        self._settling: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self.written = 0  # fresh lines committed by this writer
         self.rejected: list[RatedCall] = []  # lines PostgreSQL refused for good (unknown account)
         self.on_settled: Callable[[Sequence[WrittenLine]], None] | None = None
@@ -159,19 +159,25 @@ class LedgerWriter:
                       backlog=len(self._pending))
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout_s)
-        self._closing = True
         self._task.cancel()
         try:
             await self._task
         except asyncio.CancelledError:
             pass
         self._task = None
+        if self._settling is not None:
+            await asyncio.wait([self._settling], timeout=timeout_s)
+            self._settling = None
 
     # -- the loop ----------------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         while True:
             if not self._queue:
+                if self._settling is not None:
+                    await self._settling
+                    self._settling = None
+                    continue
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -180,14 +186,25 @@ class LedgerWriter:
             batch = [self._queue.popleft() for _ in range(min(self.batch_lines, len(self._queue)))]
             try:
                 written = await self._write(batch)
-                for rated, _ in batch:
-                    self._pending.discard(rated.call_id)
-                await self._settle(written)
             except Exception:  # the writer must outlive any one bad batch; logged with its trace
-                log.exception("ledger batch failed; its calls stay in Redis for the reconciler", lines=len(batch))
-                for rated, _ in batch:
-                    self._pending.discard(rated.call_id)
+                log.exception("ledger batch failed; its calls are kept in Redis for the reconciler",
+                              lines=len(batch))
+                await self._keep(batch)
+                written = []
+            for rated, _ in batch:
+                self._pending.discard(rated.call_id)
             LEDGER_BACKLOG.set(len(self._pending))
+            # Settle this batch while the next one is written: Redis and PostgreSQL work side by side.
+            # One settle in flight at most; their order does not matter (settle.lua: newest line wins).
+            if self._settling is not None:
+                await self._settling
+            self._settling = asyncio.create_task(self._settle_logged(written), name="ledger-settle")
+
+    async def _settle_logged(self, written: Sequence[WrittenLine]) -> None:
+        try:
+            await self._settle(written)
+        except Exception:  # a settle that fails is levelled by the next one or by sync; never fatal
+            log.exception("settling a written batch in Redis failed", lines=len(written))
 
     async def _keep(self, items: Sequence[tuple[RatedCall, EndedCall | None]]) -> None:
         """Put ended calls in Redis while PostgreSQL is away: a daemon killed meanwhile loses none (the
