@@ -12,7 +12,7 @@
 ALTER TABLE ledger
     ADD COLUMN provider_amount_micro        bigint NOT NULL DEFAULT 0,  -- + raises what we owe the carrier
     ADD COLUMN provider_balance_after_micro bigint,
-    ADD COLUMN seconds                      integer CHECK (seconds >= 0),  -- billed seconds of a call line
+    ADD COLUMN seconds                      integer CHECK (seconds >= 0),  -- a call's answered seconds
     ADD COLUMN destination                  text,          -- the number dialled (call lines)
     ADD COLUMN answered_at                  timestamptz;   -- when the callee answered (call lines)
 ALTER TABLE ledger ALTER COLUMN balance_after_micro DROP DEFAULT, ALTER COLUMN balance_after_micro DROP NOT NULL;

@@ -349,7 +349,7 @@ class CallLine:
     call_id: str
     account: str  # account number
     amount_micro: int  # <= 0: the price of the call, debited
-    seconds: int  # billed seconds (0 within the grace)
+    seconds: int  # answered seconds as Asterisk bills them (BillableSeconds); the price applies the rate's rules
     destination: str
     description: str
     answered_at: datetime

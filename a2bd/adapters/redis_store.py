@@ -295,11 +295,16 @@ class RedisStore:
             commands.append(["EVALSHA", self._provider_settle.sha, 1, provider_key(name), line_id, balance, day,
                              seconds, "0"])
         replies = await self._guard(self.mux.execute_many(commands))
-        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-            # Redis restarted or flushed its scripts: load them and send the batch again (both are idempotent).
+        again = [i for i, r in enumerate(replies)
+                 if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
+        if again:
+            # Redis restarted or flushed its scripts: load them and resend only what was refused (a settle
+            # that ran must not run twice: it adds the day's seconds).
             for script in (self._settle, self._provider_settle):
                 await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
-            replies = await self._guard(self.mux.execute_many(commands))
+            for i, reply in zip(again, await self._guard(self.mux.execute_many([commands[i] for i in again])),
+                                strict=True):
+                replies[i] = reply
         errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
         if errors:
             raise StoreUnavailable(f"Redis refused a settle: {errors[0]}")

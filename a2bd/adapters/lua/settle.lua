@@ -9,9 +9,10 @@
 -- ARGV[1]  id of the newest ledger line of this account among those settled now
 -- ARGV[2]  the balance after that line (micro-units)
 -- ARGV[3]  today, UTC, YYYYMMDD
--- ARGV[4..] pairs: call id, billed seconds to add to today's count (0 for a line written earlier)
+-- ARGV[4..] pairs: call id, answered seconds to add to today's count: the writer gives them only for
+--          lines its batch wrote (0 for a line written earlier), and never sends the same settle twice
 --
--- The balance is SET to the newest line's balance_after, never incremented: a line applied twice, two
+-- Idempotent for money and slots. The balance is SET to the newest line's balance_after, never incremented: a line applied twice, two
 -- daemons settling out of order, or a settle lost in a crash and followed by a later one all leave the
 -- balance equal to PostgreSQL's as of line `lid`. Each call's hold and slot are freed once (HDEL tells).
 -- Returns {calls freed, balance now, 1 if the account hash exists else 0}. A missing account hash (Redis

@@ -327,3 +327,15 @@ async def test_no_daily_limit_reports_none(store: RedisStore) -> None:
     r = await store.reserve(NUMBER, "ast1/1", 1, NOW, LATER)
     assert r is not None and (r.outcome, r.daily_left_s) == (ReserveOutcome.OK, None)
 
+
+
+async def test_a_batch_of_settles_survives_redis_forgetting_its_scripts_and_counts_seconds_once(
+    store: RedisStore,
+) -> None:
+    await put_account(store, balance=1_000_000)
+    await reserve(store, "ast1/1", 100_000)
+    await store.client.script_flush()  # Redis restarted its script cache (or an operator flushed it)
+    missing = await store.settle_many([(NUMBER, 70, 900_000, [("ast1/1", 42)])], [], DAY)
+    assert missing == []
+    a = await acct(store)
+    assert (a["balance"], a["lid"], a["today_s"], a["held"]) == ("900000", "70", "42", "0")
