@@ -11,9 +11,10 @@ calls in memory (seeded: accounts, durations, 8 rate shapes, 1-3 routes of the c
                one connection, the rows the writer writes (pre-built arrays): ledger_raw is `LIKE ledger` with
                its primary key and no trigger or other index. Run before and after the others (mean shown).
   charging     one LedgerWriter (batch_lines=--batch, batch_ms=--batch-ms), exactly as the daemon runs it:
-               submit (rate the call, queue it) in slices of --batch with a yield between slices, keep each call
-               in Redis, write_calls (one statement per batch, the ledger_apply trigger), settle.lua per account,
-               provider_settle.lua per carrier, publish a2b:changed; timed from the first submit until drain()
+               submit (rate the call, queue it) in slices of --batch with a yield between slices, write_calls
+               (one statement per batch, the ledger_apply trigger), then, overlapping the next batch, settle.lua
+               per account and provider_settle.lua per carrier in one Redis write and one PUBLISH of
+               a2b:changed; timed from the first submit until drain()
                returns (every call committed and Redis settled). The books are then checked: one ledger line per
                call, every account's and carrier's balance in PostgreSQL and in Redis equal to the opening less the
                prices recomputed with cost_micro.
