@@ -34,6 +34,9 @@ from a2bd.observability import GUARD_HANGUPS, GUARD_LATENESS_SECONDS, GUARD_WATC
 
 log = structlog.get_logger("a2bd.guard")
 
+_READS_AT_ONCE = 32  # accounts recomputed concurrently (each one pipelined Redis read)
+_RESEND_AFTER_MS = 2_000  # a call's Hangup is sent again only if it is still up this long after
+
 # (server, channel) -> sent: True when Asterisk hung it up, False when it had no such channel any more.
 Hangup = Callable[[str, str], Awaitable[bool]]
 
@@ -45,6 +48,7 @@ class Watched:
     calls: dict[str, tuple[str, str, CallRecord]] = field(default_factory=dict)  # call id -> (server, channel, rec)
     timer: asyncio.TimerHandle | None = None
     due_ms: int | None = None
+    hung_up_ms: dict[str, int] = field(default_factory=dict)  # call id -> when its Hangup was sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,7 @@ class CreditGuard:
         watched = self.accounts.get(account)
         if watched is None or watched.calls.pop(call_id, None) is None:
             return
+        watched.hung_up_ms.pop(call_id, None)
         if not watched.calls:
             if watched.timer is not None:
                 watched.timer.cancel()
@@ -133,15 +138,19 @@ class CreditGuard:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._dirty = self._dirty, set()
-            results = await asyncio.gather(*(self.recompute(a) for a in batch), return_exceptions=True)
-            failed = [a for a, r in zip(batch, results, strict=True) if isinstance(r, BaseException)]
-            if failed:
-                log.warning("credit guard could not read Redis; retrying", accounts=len(failed),
-                            error=str(next(r for r in results if isinstance(r, BaseException))))
-                await asyncio.sleep(1.0)
-                for account in failed:
-                    self.touch(account)
+            batch, self._dirty = list(self._dirty), set()
+            # A bounded number of reads at a time: thousands of accounts touched at once (a change feed that
+            # reconnected) must not take every connection of the pool the authorize path also uses.
+            for start in range(0, len(batch), _READS_AT_ONCE):
+                chunk = batch[start : start + _READS_AT_ONCE]
+                results = await asyncio.gather(*(self.recompute(a) for a in chunk), return_exceptions=True)
+                failed = [a for a, r in zip(chunk, results, strict=True) if isinstance(r, BaseException)]
+                if failed:
+                    log.warning("credit guard could not read Redis; retrying in a second", accounts=len(failed),
+                                error=str(next(r for r in results if isinstance(r, BaseException))))
+                    loop = asyncio.get_running_loop()
+                    for account in failed:
+                        loop.call_later(1.0, self.touch, account)
 
     async def _listen(self) -> None:
         """Follow `a2b:changed`: another daemon (or this one) moved an account's credit or calls."""
@@ -217,6 +226,10 @@ class CreditGuard:
         log.info("credit used up: hanging up the account's calls", account=account, calls=len(watched.calls),
                  late_ms=sent_ms - due_ms)
         for call_id, (server, channel, _rec) in list(watched.calls.items()):
+            sent_before = watched.hung_up_ms.get(call_id)
+            if sent_before is not None and sent_ms - sent_before < _RESEND_AFTER_MS:
+                continue  # already being cut: its end events are on their way
+            watched.hung_up_ms[call_id] = sent_ms
             cut = Cut(account, call_id, due_ms, sent_ms)
             self.cuts.append(cut)
             if len(self.cuts) > 10_000:

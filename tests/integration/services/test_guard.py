@@ -144,3 +144,30 @@ async def test_an_ended_call_stops_being_watched(store: RedisStore) -> None:
         assert ACCOUNT not in guard.accounts
     finally:
         await guard.close()
+
+
+async def test_a_call_being_cut_is_not_sent_a_second_hangup_when_the_account_is_recomputed(
+    store: RedisStore,
+) -> None:
+    await account(store, 300_000)  # 0.30, and two calls talking for 5 s at 0.10/s: over at once
+    now_ms = int(time.time() * 1000)
+    recs = [await answered_call(store, i, now_ms - 5_000) for i in range(2)]
+    hangups = Hangups()
+    guard = CreditGuard(store, hangups, horizon_s=3600)
+    guard.start(listen=False)
+    try:
+        for rec in recs:
+            guard.answered("pbx1", rec.channel, rec)
+        async with asyncio.timeout(5):
+            while len(hangups.sent) < 2:
+                await hangups.arrived.wait()
+                hangups.arrived.clear()
+        # The first call ends; the account is recomputed and is still over, with the second call being cut.
+        guard.ended(ACCOUNT, recs[0].call_id)
+        async with asyncio.timeout(5):
+            while ACCOUNT in guard._dirty or guard._wake.is_set():
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert sorted(channel for _, channel, _ in hangups.sent) == sorted(r.channel for r in recs)
+    finally:
+        await guard.close()
