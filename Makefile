@@ -32,6 +32,8 @@ demo: install
 bench: install
 	$(PY) bench/tariff_lookup.py
 	$(PY) bench/agi_authorize.py
+	$(PY) bench/rating.py
+	$(PY) bench/guard.py
 
 clean:
 	rm -rf $(VENV) .a2bd-dev .pytest_cache .mypy_cache .ruff_cache .hypothesis
