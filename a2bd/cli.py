@@ -311,7 +311,6 @@ async def cmd_account_pay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
-    from a2bd.services.catalog import TariffCatalog
     from a2bd.services.charging import LedgerWriter
     from a2bd.services.lifecycle import ami_client, list_channels
     from a2bd.services.reconcile import Reconciler
@@ -321,9 +320,6 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     clients = {s.name: ami_client(s, settings) for s in settings.asterisk}
     writer = LedgerWriter(pool, store)
     try:
-        tariffs = TariffCatalog(settings.postgres.url)
-        async with pool.acquire() as conn:
-            await tariffs.refresh(conn)
         for client in clients.values():
             with contextlib.suppress(A2bdError):  # unreachable: its calls are left alone and reported
                 await client.start(wait=True)
@@ -332,8 +328,7 @@ async def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
             return await list_channels(clients[name])
 
         writer.start()
-        report = await Reconciler(settings, store, pool, writer, list_channels=channels,
-                                  tariff=tariffs.get).run_once()
+        report = await Reconciler(settings, store, pool, writer, list_channels=channels).run_once()
         if not await writer.drain(60.0):
             raise InputError("PostgreSQL did not take the reconciled lines within 60 s; run it again")
     finally:

@@ -22,7 +22,7 @@ from a2bd.adapters.redis_store import RedisStore
 from a2bd.agi.server import AgiServer
 from a2bd.api.metrics import start_metrics_server
 from a2bd.config import Settings
-from a2bd.errors import A2bdError, ConfigError
+from a2bd.errors import ConfigError
 from a2bd.services.authorization import Authorizer
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
 from a2bd.services.lifecycle import CallLifecycle
@@ -73,7 +73,7 @@ class Daemon:
         if s.asterisk:
             # Calls are followed over AMI, rated, written to the ledger and guarded (services/lifecycle.py).
             self.pool = await postgres.create_pool(s.postgres.url, s.postgres.min_pool, s.postgres.max_pool)
-            self.lifecycle = CallLifecycle(s, self.store, self.pool, tariff=tariffs.get)
+            self.lifecycle = CallLifecycle(s, self.store, self.pool)
             self.authorizer.on_reserved = self.lifecycle.recent.put
             await self.lifecycle.start()
         else:
@@ -108,8 +108,8 @@ class Daemon:
                     finally:
                         await conn.close()
                     log.warning("Redis had lost its state: reloaded from PostgreSQL")
-            except (A2bdError, OSError, asyncpg.PostgresError) as exc:
-                log.warning("Redis or PostgreSQL unavailable; will check again", error=str(exc))
+            except Exception as exc:  # Redis or PostgreSQL away, or anything else: never stop watching
+                log.warning("Redis or PostgreSQL unavailable; will check again", error=repr(exc))
 
     async def close(self, grace_s: float = 10.0) -> None:
         self.stop.set()

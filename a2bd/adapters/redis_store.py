@@ -328,18 +328,21 @@ class RedisStore:
     async def live_state(self) -> AsyncIterator[LiveState]:
         """Every account with live reservations or ended calls waiting (for reconciliation: SCAN, not KEYS)."""
         seen: set[str] = set()
+        numbers: list[str] = []
         for pattern in ("a2b:{acct:*}:calls", "a2b:{acct:*}:ended"):
-            async for key in self.client.scan_iter(match=pattern, count=1000):
+            keys: list[str] = await self._guard(self._scan(pattern))
+            for key in keys:
                 number = number_of(key)
-                if number in seen:
-                    continue
-                seen.add(number)
-                pipe = self.client.pipeline(transaction=True)
-                pipe.hgetall(calls_key(number))
-                pipe.hgetall(record_key(number))
-                pipe.hgetall(ended_key(number))
-                holds, records, ended = await self._guard(pipe.execute())
-                yield LiveState(number, {k: int(v) for k, v in holds.items()}, records, ended)
+                if number not in seen:
+                    seen.add(number)
+                    numbers.append(number)
+        for number in numbers:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.hgetall(calls_key(number))
+            pipe.hgetall(record_key(number))
+            pipe.hgetall(ended_key(number))
+            holds, records, ended = await self._guard(pipe.execute())
+            yield LiveState(number, {k: int(v) for k, v in holds.items()}, records, ended)
 
     async def still_reserved(self, calls: Sequence[tuple[str, str]]) -> set[str]:
         """Which of these (account, call id) still hold a reservation."""
@@ -348,6 +351,17 @@ class RedisStore:
             pipe.hexists(calls_key(number), call_id)
         found = await self._guard(pipe.execute())
         return {call_id for (_, call_id), there in zip(calls, found, strict=True) if there}
+
+    async def _scan(self, pattern: str) -> list[str]:
+        return [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+
+    async def scan(self, pattern: str) -> list[str]:
+        """Every key matching `pattern` (SCAN, not KEYS: Redis keeps answering others meanwhile)."""
+        keys: list[str] = await self._guard(self._scan(pattern))
+        return keys
+
+    async def delete(self, keys: Sequence[str]) -> None:
+        await self._guard(self.client.delete(*keys))
 
     async def publish_changed(self, numbers: Iterable[str]) -> None:
         """Tell every daemon (and this one) that these accounts' credit or live calls changed: one message,

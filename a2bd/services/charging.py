@@ -88,7 +88,7 @@ class LedgerWriter:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self.written = 0  # fresh lines committed by this writer
-        self.rejected: list[RatedCall] = []  # lines PostgreSQL refused for good (unknown account)
+        self.rejected: dict[str, RatedCall] = {}  # lines PostgreSQL refused (unknown account), by call id
         self.on_settled: Callable[[Sequence[WrittenLine]], None] | None = None
 
     @property
@@ -230,9 +230,10 @@ class LedgerWriter:
                 async with self.pool.acquire(timeout=5.0) as conn:
                     written = await postgres.write_calls(conn, lines)
                 break
-            except asyncpg.UniqueViolationError:
-                # Another daemon wrote one of these calls between our filter and our insert: the retry's
-                # filter sees its line, and this batch writes only the others.
+            except (asyncpg.UniqueViolationError, asyncpg.TransactionRollbackError):
+                # Another daemon wrote one of these calls between our filter and our insert (the retry's
+                # filter sees its line and writes only the others), or locked the same accounts in another
+                # order (deadlock): the batch is simply run again.
                 LEDGER_RETRIES.labels("race").inc()
                 continue
             except _PG_DOWN as exc:
@@ -252,8 +253,10 @@ class LedgerWriter:
         found = {w.call_id for w in written}
         refused = [(rated, call) for rated, call in batch if rated.call_id not in found]
         for rated, _ in refused:
+            if rated.call_id in self.rejected:
+                continue  # resubmitted by a reconcile pass: reported once
             LEDGER_REJECTED.inc()
-            self.rejected.append(rated)
+            self.rejected[rated.call_id] = rated
             log.error("call not written: its account is not in PostgreSQL", call=rated.call_id,
                       account=rated.account, amount_micro=rated.amount_micro)
         if refused:

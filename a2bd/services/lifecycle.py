@@ -22,7 +22,6 @@ from a2bd.adapters.redis_store import RedisStore
 from a2bd.ami.client import AmiClient
 from a2bd.ami.protocol import AmiMessage
 from a2bd.config import AsteriskServer, Settings
-from a2bd.domain.tariff import Tariff
 from a2bd.errors import AmiUnavailable
 from a2bd.services.charging import LedgerWriter
 from a2bd.services.guard import CreditGuard, Cut
@@ -54,7 +53,6 @@ class CallLifecycle:
         store: RedisStore,
         pool: asyncpg.Pool,
         *,
-        tariff: Callable[[str], Tariff | None] | None = None,
         clock: Callable[[], float] = time.time,
         clients: dict[str, AmiClient] | None = None,
     ) -> None:
@@ -78,13 +76,18 @@ class CallLifecycle:
         }
         self.writer.on_settled = self._on_settled
         self.reconciler = Reconciler(settings, store, pool, self.writer, list_channels=self._list_channels,
-                                     trackers=self.trackers, tariff=tariff, clock=clock)
+                                     trackers=self.trackers, clock=clock)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", task=task.get_name(), error=repr(task.exception()))
 
     async def start(self) -> None:
         """Start writing and guarding, then connect to every Asterisk. A refused AMI login raises (a wrong
@@ -101,8 +104,15 @@ class CallLifecycle:
         self._spawn(self._reconcile_forever(), "reconciler")
 
     async def close(self) -> None:
+        """Stop reading AMI, let the trackers take the events already read (their streams end once the
+        queues are empty), close the calls whose end is in hand, then flush the ledger writer."""
         for client in self.clients.values():
             await client.close()
+        followers = [t for t in self._tasks if t.get_name().startswith("tracker-")]
+        if followers:
+            await asyncio.wait(followers, timeout=5.0)
+        for tracker in self.trackers.values():
+            tracker.flush()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,7 +143,8 @@ class CallLifecycle:
             self.guard.answered(call.call_id.rpartition("/")[0], call.channel, call.record)
 
     def _on_ended(self, call: LiveCall) -> None:
-        self.guard.ended(call.account, call.call_id)
+        # The account the guard watches it under is the record's (the AMI AccountCode should be the same).
+        self.guard.ended(call.record.account if call.record is not None else call.account, call.call_id)
 
     def _on_reconnected(self, server: str) -> None:
         self._spawn(self.reconciler.run_once(), f"reconcile-{server}")

@@ -9,8 +9,10 @@ On start, after every AMI reconnect, every `billing.reconcile_interval_s`, and b
    - in the server's CDR table (cdr_pgsql) → rated from its Dial row;
    - neither: released (nothing proves it was answered; logged as `unrated` when its record says it was).
    Channels alive that no tracker follows (a restart) are adopted, so the guard watches them again.
-3. The CDR table: every answered Dial CDR of an authorized call (accountcode set) with no ledger line, old
-   enough that the AMI path had its chance, is rated (its record from Redis, else from the account's tariff).
+3. The CDR table: every answered Dial CDR of a call a2bd still holds a record of (its reservation) with no
+   ledger line, old enough that the AMI path had its chance, is rated: this bills calls whose Asterisk
+   cannot be asked for its channels (AMI down). A row a2bd holds no record of is left alone: an
+   accountcode and a Dial are no proof it is the billed leg (see _cdr_sweep).
 
 Everything it does is idempotent: the ledger writes each call once and settle.lua only moves Redis forward.
 """
@@ -27,13 +29,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import LiveState, RedisStore, utc_day
 from a2bd.ami.protocol import AmiMessage
 from a2bd.config import AsteriskServer, Settings
-from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, decode_ended, decode_record, rate_call
-from a2bd.domain.tariff import Tariff
-from a2bd.errors import StoreUnavailable
+from a2bd.domain.calls import CallRecord, EndedCall, decode_ended, decode_record, encode_record, rate_call
+from a2bd.domain.rating import first_block_micro
 from a2bd.observability import RECONCILE_FIXES
 from a2bd.services.charging import LedgerWriter
 from a2bd.services.sync import needs_sync, sync_redis
@@ -84,7 +84,6 @@ class Reconciler:
         *,
         list_channels: ListChannels,
         trackers: Mapping[str, CallTracker] | None = None,
-        tariff: Callable[[str], Tariff | None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -93,7 +92,6 @@ class Reconciler:
         self.writer = writer
         self.list_channels = list_channels
         self.trackers = trackers or {}
-        self.tariff = tariff
         self.clock = clock
         self.servers = {s.name: s for s in settings.asterisk}
         self._lock = asyncio.Lock()
@@ -108,6 +106,7 @@ class Reconciler:
                     synced = await sync_redis(conn, self.store)
                 report.resynced = True
                 log.warning("Redis had lost its state: reloaded from PostgreSQL", accounts=synced.accounts)
+                await self._restore_live()
             # Redis first, Asterisk second: a reservation seen before the channel list had its channel
             # alive then (Asterisk reserves from the AGI of a live channel), so its absence from the list
             # means it ended. A call reserved after the snapshot is not judged in this pass.
@@ -125,9 +124,27 @@ class Reconciler:
         while True:
             try:
                 await self.run_once()
-            except (StoreUnavailable, OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                log.warning("reconciliation pass failed; next one in the interval", error=str(exc))
+            except Exception:  # a pass that fails (a server away, a bug) must not end the ones after it
+                log.exception("reconciliation pass failed; next one in the interval")
             await asyncio.sleep(interval_s)
+
+    async def _restore_live(self) -> None:
+        """Put back the reservations of the calls this daemon's trackers still follow, so that concurrency
+        limits, holds and the other daemons' guards count them again."""
+        billing = self.settings.billing
+        now_ms = int(self.clock() * 1000)
+        expires_ms = now_ms + (billing.max_call_s + billing.reservation_slack_s) * 1000
+        restored = 0
+        for tracker in self.trackers.values():
+            for call in list(tracker.live.values()):
+                rec = call.record
+                if rec is None:
+                    continue
+                got = await self.store.reserve(rec.account, rec.call_id, first_block_micro(rec.sell), now_ms,
+                                               expires_ms, "", encode_record(rec))
+                restored += got is not None and got.outcome == "OK"
+        if restored:
+            log.info("live calls registered again in Redis", calls=restored)
 
     # -- 1. what Asterisk has ------------------------------------------------------------------------------
 
@@ -254,42 +271,15 @@ class Reconciler:
             call_id = f"{server.name}/{row['uniqueid']}"
             if self.writer.is_pending(call_id):
                 continue
-            account = row["accountcode"]
-            record = _record(await self.store.call_record(account, call_id) or "")
+            record = _record(await self.store.call_record(row["accountcode"], call_id) or "")
             if record is None:
-                record = await self._derive(call_id, account, row)
-            if record is None:
-                report.count("unrated", call_id)
+                # Not provably a2bd's billed leg: a leg that only inherited the accountcode (a route through
+                # a Local channel that runs its own Dial) has a Dial row too, and billing it would bill the
+                # call twice. Only calls a2bd holds a record of are rated from the table.
+                log.debug("CDR row with no call record in Redis left alone", call=call_id)
                 continue
             self.writer.submit(_ended_from_cdr(record, row))
             report.count("rated_from_cdr", call_id)
-
-    async def _derive(self, call_id: str, account: str, row: asyncpg.Record) -> CallRecord | None:
-        """The record of a call Redis no longer knows, from the account's tariff at the answer time."""
-        async with self.pool.acquire() as conn:
-            acct = await postgres.fetch_account(conn, account)
-        tariff = self.tariff(acct["tariff"]) if acct is not None and self.tariff is not None else None
-        answer = _utc(row["answer"] or row["end"])
-        if acct is None or tariff is None:
-            log.error("CDR of an authorized call cannot be rated (account or tariff unknown)", call=call_id,
-                      account=account)
-            return None
-        from zoneinfo import ZoneInfo
-
-        try:
-            local = answer.astimezone(ZoneInfo(acct["timezone"]))
-        except (KeyError, ValueError):
-            local = answer
-        destination = "".join(ch for ch in row["dst"] if ch.isdigit())
-        match = tariff.lookup(destination, local)
-        if match is None:
-            log.error("CDR of an authorized call has no rate now", call=call_id, destination=destination)
-            return None
-        routes = tuple(RouteChoice(e.provider, "", e.buy) for e in match.entries if e.provider)
-        cheapest = min(routes, key=lambda r: r.buy.rate_per_min_micro) if routes else None
-        return CallRecord(call_id, account, destination, match.destination, match.prefix, match.sell,
-                          routes, int(answer.timestamp() * 1000),
-                          provider=cheapest.provider if cheapest else None)
 
 
 def _record(text: str) -> CallRecord | None:

@@ -33,11 +33,9 @@ async def sync_redis(conn: asyncpg.Connection, store: RedisStore) -> SyncReport:
     n_providers = await store.put_providers([dict(p) for p in providers])
     stale: list[str] = []
     for pattern in ("a2b:cid:*", "a2b:pin:*"):
-        async for key in store.client.scan_iter(match=pattern, count=1000):
-            if key not in wanted:
-                stale.append(key)
+        stale += [key for key in await store.scan(pattern) if key not in wanted]
     if stale:
-        await store.client.delete(*stale)
+        await store.delete(stale)
     await store.mark_synced(time.time())
     return SyncReport(n_accounts, n_providers, len(stale))
 

@@ -183,10 +183,18 @@ class CallTracker:
         return True
 
     def is_tracking(self, call_id: str) -> bool:
+        """Whether this tracker is following the call now. A call it closed is not: if its reservation is
+        still there (a settle that failed), the reconciler settles it from its ledger line."""
         if not call_id.startswith(self._prefix):
             return False
-        uniqueid = call_id[len(self._prefix):]
-        return uniqueid in self.live or uniqueid in self._done
+        return call_id[len(self._prefix):] in self.live
+
+    def flush(self) -> None:
+        """At shutdown: close every call whose end is already in hand (its Hangup or Cdr came), with what
+        came, rather than leave it to a reconciler that may have no CDR table to price it from."""
+        for call in list(self.live.values()):
+            if call.hangup_ms is not None or call.cdr is not None or call.other_cdr:
+                self._close(call)
 
     async def close(self) -> None:
         for call in self.live.values():
@@ -354,23 +362,27 @@ class CallTracker:
 
     async def _fetch_record(self, call: LiveCall, adopt_answered: bool) -> None:
         record: CallRecord | None = None
-        for attempt in range(5):
+        delay = 0.2
+        # Until Redis answers, whatever it takes: a call given up while Redis is away would never be billed
+        # nor guarded. Only "no such record" (or a damaged one) means the leg is not a2bd's to bill.
+        while call.uniqueid in self.live:
             try:
                 text = await self.store.call_record(call.account, call.call_id)
                 record = decode_record(text) if text else None
                 break
             except StoreUnavailable as exc:
-                log.warning("Redis unavailable while looking up a call", call=call.call_id, error=str(exc))
+                log.warning("Redis unavailable while looking up a call; retrying", call=call.call_id,
+                            error=str(exc))
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("damaged call record in Redis", call=call.call_id, error=str(exc))
                 break
-            await asyncio.sleep(0.2 * (attempt + 1))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         call.fetching = False
+        if call.uniqueid not in self.live:
+            return  # discarded or abandoned meanwhile (settled by other means): nothing more to do
         if record is None:
-            if call.uniqueid in self.live and (call.closing or call.cdr is not None):
-                self._forget(call)
-            elif call.uniqueid in self.live:
-                self._forget(call)  # a leg a2bd holds no reservation for (a callee leg, another system)
+            self._forget(call)  # a leg a2bd holds no reservation for (a callee leg, another system)
             return
         call.record = record
         if adopt_answered and call.answered_ms is None:

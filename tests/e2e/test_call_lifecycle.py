@@ -270,6 +270,9 @@ async def test_redis_restarted_empty_with_a_live_call_loses_nothing(rig: Rig) ->
         while not any(c.answered_ms for t in lifecycle.trackers.values() for c in t.live.values()):
             await asyncio.sleep(0.02)
     await rig.store.client.flushdb()  # Redis restarted with nothing: reservations, balances, indexes gone
+    async with asyncio.timeout(5):  # reloaded from PostgreSQL, and the live call registered again
+        while not await rig.store.client.hlen(calls_key("1000000001")):
+            await asyncio.sleep(0.05)
     result = await call
     async with asyncio.timeout(10):
         while (await rig.pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") < 1

@@ -22,7 +22,7 @@ from a2bd.ami.client import AmiClient
 from a2bd.config import AsteriskServer, Settings
 from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, encode_ended, encode_record
 from a2bd.domain.rating import SellRate, cost_micro
-from a2bd.domain.tariff import BuyRate, RateEntry, Tariff
+from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.services.charging import LedgerWriter
 from a2bd.services.lifecycle import list_channels
 from a2bd.services.reconcile import Reconciler
@@ -80,13 +80,11 @@ async def rig(pg: asyncpg.Connection, pg_url: str, store: RedisStore) -> AsyncIt
     writer = LedgerWriter(pool, store, batch_ms=1)
     writer.start()
     settings = Settings(asterisk=(AsteriskServer(name="pbx1", port=sim.port, secret="s", cdr_table="cdr"),)).validate()
-    tariff = Tariff.build("retail", [RateEntry("49", "Germany", SELL, "carrier-a", BUY)])
 
     async def channels(name: str) -> list:  # type: ignore[type-arg]
         return await list_channels(client)
 
-    reconciler = Reconciler(settings, store, pool, writer, list_channels=channels,
-                            tariff=lambda name: tariff if name == "retail" else None)
+    reconciler = Reconciler(settings, store, pool, writer, list_channels=channels)
     try:
         yield Rig(pg, pool, store, sim, client, writer, reconciler)
     finally:
@@ -157,13 +155,18 @@ async def test_a_gone_call_never_answered_is_released_and_one_answered_unseen_is
     assert await rig.pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 0
 
 
-async def test_the_cdr_table_sweep_rates_what_the_ledger_lacks_from_the_tariff(rig: Rig) -> None:
-    # Redis knows nothing of this call (expired, or Redis was rebuilt): the rate comes from the tariff.
-    # Two minutes old: past billing.reconcile_cdr_age_s, so the AMI path had its chance.
-    end = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=2)
+async def test_the_cdr_table_bills_calls_of_an_asterisk_whose_ami_is_down(rig: Rig) -> None:
+    # AMI is down: channels cannot be listed, so reservations are not judged; the CDR table still bills the
+    # calls a2bd holds a record of. Rows a2bd holds no record of are left alone: a leg that only inherited
+    # the accountcode (a Local route running its own Dial) has a Dial row too, and must not bill twice.
+    await rig.client.close()
+    rec = rig.record("1795000000.6", answered_ms=int(time.time() * 1000) - 200_000)
+    await rig.reserve(rec)
+    end = datetime.now(UTC).replace(tzinfo=None) - timedelta(minutes=2)  # past reconcile_cdr_age_s
     await rig.pg.execute(
         'INSERT INTO cdr (accountcode, dst, lastapp, answer, "end", billsec, disposition, uniqueid) VALUES'
-        " ($1, '4930999', 'Dial', $2, $2, 61, 'ANSWERED', '1795000000.6'),"
+        " ($1, '4930123', 'Dial', $2, $2, 61, 'ANSWERED', '1795000000.6'),"
+        " ($1, '4930123', 'Dial', $2, $2, 61, 'ANSWERED', '1795000000.60'),"  # no record: not provably ours
         " ($1, '4930999', 'Dial', $2, $2, 0, 'NO ANSWER', '1795000000.7'),"  # not billed
         " ('', '4930999', 'Dial', $2, $2, 9, 'ANSWERED', '1795000000.8'),"  # never authorized by a2bd
         " ($1, '4930999', 'Hangup', $2, $2, 9, 'ANSWERED', '1795000000.9'),"  # not the billed leg
@@ -171,11 +174,13 @@ async def test_the_cdr_table_sweep_rates_what_the_ledger_lacks_from_the_tariff(r
         ACCOUNT, end, datetime.now(UTC).replace(tzinfo=None),
     )
     report = await rig.reconciler.run_once()
-    assert report.rated_from_cdr == ["pbx1/1795000000.6"]
+    assert report.servers_unreachable == ["pbx1"]
+    assert report.rated_from_cdr == [rec.call_id]
     assert await rig.writer.drain(10)
     line = await rig.pg.fetchrow("SELECT * FROM ledger WHERE kind = 'call'")
-    assert (line["call_id"], line["amount_micro"]) == ("pbx1/1795000000.6", -cost_micro(SELL, 61))
+    assert (line["call_id"], line["amount_micro"]) == (rec.call_id, -cost_micro(SELL, 61))
     assert line["provider_amount_micro"] == cost_micro(SellRate(60_000), 61)
+    assert await rig.store.client.hlen(calls_key(ACCOUNT)) == 0  # the settle freed its slot
     assert (await rig.reconciler.run_once()).fixes == 0
 
 

@@ -17,6 +17,7 @@ from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, encode_record
 from a2bd.domain.rating import SellRate
 from a2bd.domain.tariff import BuyRate
 from a2bd.services.tracker import CallTracker, RecentCalls
+from tests.proxy import proxied
 from tests.transcripts import FIXTURES, load_capture
 
 pytestmark = pytest.mark.integration
@@ -167,3 +168,31 @@ async def test_a_missing_cdr_closes_the_call_from_its_events_after_the_wait(stor
     # Billed from DialEnd ANSWER to Hangup as the events' receive times show (3.003 s in the capture),
     # floored as Asterisk floors BillableSeconds.
     assert (ended[0].disposition, ended[0].duration_s) == ("ANSWERED", 3)
+
+
+async def test_redis_away_when_the_call_starts_delays_its_billing_but_loses_nothing(
+    store: RedisStore, redis_url: str,
+) -> None:
+    # Another daemon authorized the call (nothing handed over in memory): the tracker must read its record
+    # from Redis, which is unreachable for a while. It keeps trying, and bills the call once Redis is back.
+    (uniqueid,) = agi_uniqueids("01-answered-callee-hangup.agi.txt")
+    await reserve(store, uniqueid)
+    async with proxied(redis_url) as (proxy, via_proxy):
+        cut_off = RedisStore.from_url(via_proxy, timeout_s=0.3)
+        try:
+            await proxy.refuse()
+            ended: list[EndedCall] = []
+            tracker = CallTracker("pbx1", cut_off, ended.append, cdr_wait_s=0.2)
+            for message in events("01-answered-callee-hangup.ami-events-call-cdr.txt"):
+                tracker.handle(message)
+            await asyncio.sleep(4.0)  # the whole call went by, and Redis stays away longer than a few retries
+            assert ended == [] and tracker.is_tracking(f"pbx1/{uniqueid}")
+            await proxy.restore()
+            async with asyncio.timeout(10):
+                while not ended:
+                    await asyncio.sleep(0.05)
+            assert [(e.record.call_id, e.disposition, e.duration_s) for e in ended] == [
+                (f"pbx1/{uniqueid}", "ANSWERED", 2)]
+            await tracker.close()
+        finally:
+            await cut_off.close()
