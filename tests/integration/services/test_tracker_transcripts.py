@@ -196,3 +196,21 @@ async def test_redis_away_when_the_call_starts_delays_its_billing_but_loses_noth
             await tracker.close()
         finally:
             await cut_off.close()
+
+
+async def test_a_calling_card_leg_is_billed_from_the_dial_answer_not_from_its_own_answer(store: RedisStore) -> None:
+    # A calling-card leg runs Answer() before the PIN prompt and the Dial: its Cdr's BillableSeconds count
+    # the prompt and the ringing. DialBegin shows the leg already Up; it is billed from DialEnd ANSWER to its
+    # Hangup instead (2 s in this recording), not from the Cdr (made 30 s here, as after a long PIN entry).
+    (uniqueid,) = agi_uniqueids("01-answered-callee-hangup.agi.txt")
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent)
+    stream = []
+    for m in events("01-answered-callee-hangup.ami-events-call-cdr.txt"):
+        if m.event == "DialBegin" and m.get("Uniqueid") == uniqueid:
+            m = AmiMessage(tuple((k, "Up" if k == "ChannelStateDesc" else v) for k, v in m.headers), m.received_at)
+        elif m.event == "Cdr" and m.get("UniqueID") == uniqueid:
+            m = AmiMessage(tuple((k, "30" if k == "BillableSeconds" else v) for k, v in m.headers), m.received_at)
+        stream.append(m)
+    ended = await track(store, stream, recent)
+    assert [(e.disposition, e.duration_s) for e in ended] == [("ANSWERED", 2)]
