@@ -120,7 +120,8 @@ def carriers(count: int) -> list[str]:
 
 def build_calls(args: argparse.Namespace, tag: str, now_ms: int) -> list[Any]:
     """--calls answered calls, seeded: each with its account, rate, routes and answered seconds."""
-    from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice
+    from a2bd.domain.authorize import Route
+    from a2bd.domain.calls import CallRecord, EndedCall
     from a2bd.domain.rating import SellRate
     from a2bd.domain.tariff import BuyRate
 
@@ -130,7 +131,7 @@ def build_calls(args: argparse.Namespace, tag: str, now_ms: int) -> list[Any]:
     for sell, connect, block, inc, grace, minimum, buy in RATE_SHAPES:
         rate = SellRate(sell, connect_micro=connect, initial_block_s=block, increment_s=inc, grace_s=grace,
                         min_cost_micro=minimum)
-        routes = tuple(RouteChoice(n, f"PJSIP/{{number}}@{n}", BuyRate(buy + 500 * k, block, inc))
+        routes = tuple(Route(n, f"PJSIP/{{number}}@{n}", BuyRate(buy + 500 * k, block, inc))
                        for k, n in enumerate(names))
         shapes.append((rate, routes))
     calls = []

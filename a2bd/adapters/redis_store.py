@@ -251,8 +251,7 @@ class RedisStore:
     async def record_ended(self, number: str, call_id: str, record: str) -> None:
         """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue); its
         live record goes, so the credit guard counts it at its final price, no longer as a running call."""
-        await self._guard(self.mux.execute("HSET", ended_key(number), call_id, record))
-        await self._guard(self.mux.execute("HDEL", record_key(number), call_id))
+        await self.record_ended_many([(number, call_id, record)])
 
     async def record_ended_many(self, calls: Sequence[tuple[str, str, str]]) -> None:
         """record_ended for many (account, call id, record) in one write."""
@@ -269,10 +268,8 @@ class RedisStore:
     ) -> tuple[int, bool]:
         """settle.lua: free the calls' slots, count their seconds, set the balance to the newest line's.
         Returns (calls freed, whether the account hash exists)."""
-        args: list[str | int] = [line_id, balance_micro, day]
-        for call_id, seconds in calls:
-            args += [call_id, seconds]
-        freed, _balance, exists = await self._guard(self._settle(self.mux, settle_keys(number), args))
+        (reply,) = await self._settle_batch([(number, line_id, balance_micro, calls)], [], day)
+        freed, _balance, exists = reply
         return int(freed), bool(exists)
 
     async def settle_many(
@@ -284,6 +281,15 @@ class RedisStore:
         """settle.lua for each (account, line id, balance, [(call id, seconds)]) and provider_settle.lua for
         each (provider, line id, balance, seconds), in one write. Returns the accounts whose hash is missing
         (Redis lost them: `a2bd sync` brings them back)."""
+        replies = await self._settle_batch(accounts, providers, day)
+        return [number for (number, *_), reply in zip(accounts, replies, strict=False) if not reply[2]]
+
+    async def _settle_batch(
+        self,
+        accounts: Sequence[tuple[str, int, int, Sequence[tuple[str, int]]]],
+        providers: Sequence[tuple[str, int, int, int]],
+        day: str,
+    ) -> list[Any]:
         commands: list[list[str | int]] = []
         for number, line_id, balance, calls in accounts:
             keys = settle_keys(number)
@@ -294,7 +300,7 @@ class RedisStore:
         for name, line_id, balance, seconds in providers:
             commands.append(["EVALSHA", self._provider_settle.sha, 1, provider_key(name), line_id, balance, day,
                              seconds, "0"])
-        replies = await self._guard(self.mux.execute_many(commands))
+        replies: list[Any] = await self._guard(self.mux.execute_many(commands))
         again = [i for i, r in enumerate(replies)
                  if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
         if again:
@@ -308,11 +314,10 @@ class RedisStore:
         errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
         if errors:
             raise StoreUnavailable(f"Redis refused a settle: {errors[0]}")
-        return [number for (number, *_), reply in zip(accounts, replies, strict=False) if not reply[2]]
+        return replies
 
     async def settle_provider(self, name: str, line_id: int, balance_micro: int, day: str, seconds: int) -> None:
-        await self._guard(self._provider_settle(self.mux, [provider_key(name)],
-                                                [line_id, balance_micro, day, seconds, "0"]))
+        await self._settle_batch([], [(name, line_id, balance_micro, seconds)], day)
 
     async def credit(self, number: str) -> AccountCredit | None:
         """Balance, credit limit and live call records of one account, read together."""

@@ -12,17 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from a2bd.domain.authorize import Route
 from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate
-
-
-@dataclass(frozen=True, slots=True)
-class RouteChoice:
-    """One carrier offered to the dialplan for this call, with what it charges us."""
-
-    provider: str
-    dial: str
-    buy: BuyRate
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +28,7 @@ class CallRecord:
     description: str  # the rate's destination name, e.g. "Germany mobile"
     prefix: str
     sell: SellRate
-    routes: tuple[RouteChoice, ...]
+    routes: tuple[Route, ...]
     reserved_ms: int
     answered_ms: int | None = None
     channel: str = ""  # the billed leg's channel name once seen on AMI (what a Hangup action names)
@@ -45,7 +37,7 @@ class CallRecord:
     def answered(self, at_ms: int, channel: str, provider: str | None) -> CallRecord:
         return replace(self, answered_ms=at_ms, channel=channel, provider=provider)
 
-    def route_for(self, dial_string: str) -> RouteChoice | None:
+    def route_for(self, dial_string: str) -> Route | None:
         """The route whose dial string Asterisk reports in DialBegin (`DialString` is the part after the
         technology: `PJSIP/4930@carrier-a` is dialled as DialString `4930@carrier-a`)."""
         for route in self.routes:
@@ -79,7 +71,7 @@ def _record_from(d: dict[str, Any]) -> CallRecord:
     return CallRecord(
         call_id=d["id"], account=d["a"], destination=d["d"], description=d["n"], prefix=d["p"],
         sell=SellRate(*d["r"]),
-        routes=tuple(RouteChoice(r[0], r[1], BuyRate(r[2], r[3], r[4])) for r in d["rt"]),
+        routes=tuple(Route(r[0], r[1], BuyRate(r[2], r[3], r[4])) for r in d["rt"]),
         reserved_ms=d["t"], answered_ms=d.get("ans"), channel=d.get("ch", ""),
         provider=d.get("via"),
     )

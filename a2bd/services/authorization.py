@@ -42,7 +42,7 @@ from a2bd.domain.authorize import (
     plan,
     refuse,
 )
-from a2bd.domain.calls import CallRecord, RouteChoice, encode_record
+from a2bd.domain.calls import CallRecord, encode_record
 from a2bd.errors import ProtocolError, StoreUnavailable
 from a2bd.observability import AUTHORIZATIONS, AUTHORIZE_SECONDS
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
@@ -200,7 +200,7 @@ class Authorizer:
                 expires_ms = now_ms + (billing.max_call_s + billing.reservation_slack_s) * 1000
                 record = CallRecord(
                     call_id, number, first.destination, first.match.destination, first.match.prefix, first.sell,
-                    tuple(RouteChoice(r.provider, r.dial, r.buy) for r in first.routes), now_ms,
+                    first.routes, now_ms,
                 )
                 reservation = await self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms,
                                                        version, encode_record(record))

@@ -206,18 +206,20 @@ class LedgerWriter:
         except Exception:  # a settle that fails is levelled by the next one or by sync; never fatal
             log.exception("settling a written batch in Redis failed", lines=len(written))
 
-    async def _keep(self, items: Sequence[tuple[RatedCall, EndedCall | None]]) -> None:
+    async def _keep(self, items: Sequence[tuple[RatedCall, EndedCall | None]], *, remember: bool = True) -> None:
         """Put ended calls in Redis while PostgreSQL is away: a daemon killed meanwhile loses none (the
         reconciler writes them at the next start). Best effort: without Redis they are still in memory.
         Only during an outage: when the ledger answers, a call is committed a few milliseconds after it
         ends and keeping it first would double the Redis work of every call."""
-        todo = [(rated, call) for rated, call in items if call is not None and rated.call_id not in self._kept]
+        todo = [(rated, call) for rated, call in items
+                if call is not None and not (remember and rated.call_id in self._kept)]
         if not todo:
             return
         try:
             await self.store.record_ended_many([(r.account, r.call_id, encode_ended(c)) for r, c in todo
                                                 if c is not None])
-            self._kept.update(rated.call_id for rated, _ in todo)
+            if remember:  # not to keep them again at each retry of the outage
+                self._kept.update(rated.call_id for rated, _ in todo)
         except StoreUnavailable as exc:
             log.warning("could not keep ended calls in Redis while PostgreSQL is away", error=str(exc))
 
@@ -261,9 +263,7 @@ class LedgerWriter:
                       account=rated.account, amount_micro=rated.amount_micro)
         if refused:
             # Kept in Redis (:ended) and in `rejected`: `a2bd reconcile` writes them once the account exists.
-            self._kept.difference_update(rated.call_id for rated, _ in refused)
-            await self._keep(refused)
-            self._kept.difference_update(rated.call_id for rated, _ in refused)
+            await self._keep(refused, remember=False)
         return written
 
     async def _settle(self, written: Sequence[WrittenLine]) -> None:

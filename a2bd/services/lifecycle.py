@@ -69,7 +69,7 @@ class CallLifecycle:
         self.clients = clients if clients is not None else {s.name: ami_client(s, settings)
                                                             for s in settings.asterisk}
         self.trackers = {
-            name: CallTracker(name, store, self._charge, recent=self.recent, cdr_wait_s=billing.cdr_wait_s,
+            name: CallTracker(name, store, self.writer.charge, recent=self.recent, cdr_wait_s=billing.cdr_wait_s,
                               clock=clock, on_answered=self._on_answered, on_ended=self._on_ended,
                               on_reconnected=self._on_reconnected)
             for name in self.clients
@@ -134,9 +134,6 @@ class CallLifecycle:
         await self.reconciler.run_forever(self.settings.billing.reconcile_interval_s)
 
     # -- wiring ----------------------------------------------------------------------------------------------
-
-    def _charge(self, ended: Any) -> None:
-        self.writer.charge(ended)
 
     def _on_answered(self, call: LiveCall) -> None:
         if call.record is not None:

@@ -77,6 +77,7 @@ class LiveCall:
     pre_answered: bool = False
     dial_strings: dict[str, str] = field(default_factory=dict)  # DestUniqueid -> DialString
     answered_ms: int | None = None
+    answered_dial: str = ""  # the DialString of the attempt that answered (which route, hence which carrier)
     provider: str | None = None
     hangup_ms: int | None = None
     cause: int = 16
@@ -236,16 +237,20 @@ class CallTracker:
         call.answered_ms = self._ms(msg)
         self._gauge_dialling.dec()
         self._gauge_answered.inc()
-        dial_string = call.dial_strings.get(msg.get("DestUniqueid", ""), "")
+        call.answered_dial = call.dial_strings.get(msg.get("DestUniqueid", ""), "")
         if call.record is not None:
-            route = call.record.route_for(dial_string)
-            call.provider = route.provider if route else None
-            call.record = call.record.answered(call.answered_ms, call.channel, call.provider)
-            self._spawn(self._store_answer(call, call.record))
-            if self.on_answered is not None:
-                self.on_answered(call)
-        else:
-            call.provider = dial_string  # resolved against the routes when the record arrives
+            self._stamp_answer(call, call.record)
+        # else: stamped when its record arrives from Redis (_fetch_record)
+
+    def _stamp_answer(self, call: LiveCall, record: CallRecord) -> None:
+        """The answer seen on AMI goes into the call's record (Redis, for every daemon) and to the guard."""
+        assert call.answered_ms is not None
+        route = record.route_for(call.answered_dial)
+        call.provider = route.provider if route else None
+        call.record = record.answered(call.answered_ms, call.channel, call.provider)
+        self._spawn(self._store_answer(call, call.record))
+        if self.on_answered is not None:
+            self.on_answered(call)
 
     def _hangup(self, msg: AmiMessage) -> None:
         call = self.live.get(msg.get("Uniqueid", ""))
@@ -343,9 +348,8 @@ class CallTracker:
             duration_s = 0
         if disposition == "ANSWERED" and answered_ms is None:
             answered_ms = ended_ms - duration_s * 1000  # the answer was not seen (events lost)
-        provider = call.provider
         if record.answered_ms is None and answered_ms is not None:
-            route = record.route_for(provider or "") if provider else None
+            route = record.route_for(call.answered_dial)
             record = record.answered(answered_ms, call.channel, route.provider if route else None)
         return EndedCall(record, ended_ms, duration_s, disposition, call.cause, call.cut_by_guard)
 
@@ -396,12 +400,7 @@ class CallTracker:
             if self.on_answered is not None:
                 self.on_answered(call)
         elif call.answered_ms is not None and record.answered_ms is None:
-            route = record.route_for(call.provider or "") if call.provider else None
-            call.provider = route.provider if route else None
-            call.record = record.answered(call.answered_ms, call.channel, call.provider)
-            self._spawn(self._store_answer(call, call.record))
-            if self.on_answered is not None:
-                self.on_answered(call)
+            self._stamp_answer(call, record)
         if call.closing or (call.hangup_ms is not None and (call.cdr is not None or call.other_cdr)):
             self._close(call)
 

@@ -24,7 +24,8 @@ from a2bd.adapters.redis_store import (
     utc_day,
 )
 from a2bd.devservers import Servers
-from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, decode_ended, encode_ended, encode_record
+from a2bd.domain.authorize import Route
+from a2bd.domain.calls import CallRecord, EndedCall, decode_ended, encode_ended, encode_record
 from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate
 from a2bd.observability import REGISTRY
@@ -65,7 +66,7 @@ def ended(call_id: str, account: str = ACCOUNTS[0], duration_s: int = 60, *, sel
     answered = end - duration_s * 1000 if disposition == "ANSWERED" else None
     record = CallRecord(
         call_id=call_id, account=account, destination="4930123456", description="Germany Berlin", prefix="4930",
-        sell=sell, routes=tuple(RouteChoice(p, f"PJSIP/4930123456@{p}", BUY[p]) for p in routes),
+        sell=sell, routes=tuple(Route(p, f"PJSIP/4930123456@{p}", BUY[p]) for p in routes),
         reserved_ms=end - duration_s * 1000 - 5_000, answered_ms=answered, channel=f"PJSIP/{call_id}",
         provider=via if disposition == "ANSWERED" else None,
     )

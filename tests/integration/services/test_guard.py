@@ -12,7 +12,8 @@ import time
 import pytest
 
 from a2bd.adapters.redis_store import RedisStore
-from a2bd.domain.calls import CallRecord, RouteChoice, encode_record, spent_micro
+from a2bd.domain.authorize import Route
+from a2bd.domain.calls import CallRecord, encode_record, spent_micro
 from a2bd.domain.rating import SellRate
 from a2bd.domain.tariff import BuyRate
 from a2bd.services.guard import CreditGuard
@@ -33,6 +34,12 @@ class Hangups:
         self.arrived.set()
         return True
 
+    async def wait_for(self, count: int, timeout_s: float) -> None:
+        async with asyncio.timeout(timeout_s):
+            while len(self.sent) < count:
+                await self.arrived.wait()
+                self.arrived.clear()
+
 
 async def account(store: RedisStore, balance: int) -> None:
     await store.put_accounts([{
@@ -44,7 +51,7 @@ async def account(store: RedisStore, balance: int) -> None:
 
 async def answered_call(store: RedisStore, n: int, answered_ms: int, server: str = "pbx1") -> CallRecord:
     rec = CallRecord(f"{server}/17000.{n}", ACCOUNT, "4930", "Berlin", "49", PER_SECOND,
-                     (RouteChoice("alpha", "PJSIP/4930@alpha", BuyRate(1)),), answered_ms)
+                     (Route("alpha", "PJSIP/4930@alpha", BuyRate(1)),), answered_ms)
     reservation = await store.reserve(ACCOUNT, rec.call_id, 100_000, answered_ms, answered_ms + 3_600_000, "",
                                       encode_record(rec))
     assert reservation is not None and reservation.outcome == "OK", reservation
@@ -65,10 +72,7 @@ async def test_calls_answered_at_different_times_are_cut_together_when_the_share
     try:
         for rec in recs:
             guard.answered("pbx1", rec.channel, rec)
-        async with asyncio.timeout(10):
-            while len(hangups.sent) < 3:
-                await hangups.arrived.wait()
-                hangups.arrived.clear()
+        await hangups.wait_for(3, timeout_s=10)
     finally:
         await guard.close()
     assert sorted(channel for _, channel, _ in hangups.sent) == sorted(r.channel for r in recs)
@@ -158,10 +162,7 @@ async def test_a_call_being_cut_is_not_sent_a_second_hangup_when_the_account_is_
     try:
         for rec in recs:
             guard.answered("pbx1", rec.channel, rec)
-        async with asyncio.timeout(5):
-            while len(hangups.sent) < 2:
-                await hangups.arrived.wait()
-                hangups.arrived.clear()
+        await hangups.wait_for(2, timeout_s=5)
         # The first call ends; the account is recomputed and is still over, with the second call being cut.
         guard.ended(ACCOUNT, recs[0].call_id)
         async with asyncio.timeout(5):

@@ -20,7 +20,8 @@ from a2bd.adapters.postgres import CallLine
 from a2bd.adapters.redis_store import RedisStore, account_key, calls_key, ended_key
 from a2bd.ami.client import AmiClient
 from a2bd.config import AsteriskServer, Settings
-from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, encode_ended, encode_record
+from a2bd.domain.authorize import Route
+from a2bd.domain.calls import CallRecord, EndedCall, encode_ended, encode_record
 from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.services.charging import LedgerWriter
@@ -51,7 +52,7 @@ class Rig:
 
     def record(self, uniqueid: str, answered_ms: int | None = None) -> CallRecord:
         rec = CallRecord(f"pbx1/{uniqueid}", ACCOUNT, "4930123", "Germany", "49", SELL,
-                         (RouteChoice("carrier-a", "PJSIP/4930123@carrier-a", BUY),), int(time.time() * 1000) - 60_000)
+                         (Route("carrier-a", "PJSIP/4930123@carrier-a", BUY),), int(time.time() * 1000) - 60_000)
         return rec.answered(answered_ms, "PJSIP/x-1", "carrier-a") if answered_ms else rec
 
     async def reserve(self, rec: CallRecord) -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from a2bd.adapters.redis_store import RedisStore, calls_key
 from a2bd.ami.protocol import AmiMessage, AmiParser
-from a2bd.domain.calls import CallRecord, EndedCall, RouteChoice, encode_record
+from a2bd.domain.authorize import Route
+from a2bd.domain.calls import CallRecord, EndedCall, encode_record
 from a2bd.domain.rating import SellRate
 from a2bd.domain.tariff import BuyRate
 from a2bd.services.tracker import CallTracker, RecentCalls
@@ -55,8 +56,8 @@ async def reserve(store: RedisStore, uniqueid: str, recent: RecentCalls | None =
     }])
     # The route's dial string as the recorded dialplan dialled it: DialBegin reports "<exten>@callee".
     rec = CallRecord(f"pbx1/{uniqueid}", ACCOUNT, extension, "test", extension[0], SELL,
-                     (RouteChoice("other", "Local/9@elsewhere", BuyRate(1)),
-                      RouteChoice("callee", f"Local/{extension}@callee", BuyRate(100_000))), NOW_MS)
+                     (Route("other", "Local/9@elsewhere", BuyRate(1)),
+                      Route("callee", f"Local/{extension}@callee", BuyRate(100_000))), NOW_MS)
     reply = await store.reserve(ACCOUNT, rec.call_id, 10_000, NOW_MS, NOW_MS + 3_600_000, "", encode_record(rec))
     assert reply is not None
     if recent is not None:

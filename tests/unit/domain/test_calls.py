@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from a2bd.domain.authorize import Route
 from a2bd.domain.calls import (
     CallRecord,
     EndedCall,
-    RouteChoice,
     buy_cost_micro,
     decode_ended,
     decode_record,
@@ -28,8 +28,8 @@ from a2bd.domain.tariff import BuyRate
 T0 = 1_800_000_000_000
 PER_MIN_010 = SellRate(rate_per_min_micro=100_000, increment_s=60)  # 0.10 a minute, billed per minute
 ROUTES = (
-    RouteChoice("alpha", "PJSIP/4930123@alpha", BuyRate(6_000, 30, 6)),
-    RouteChoice("beta", "PJSIP/4930123@beta", BuyRate(7_000)),
+    Route("alpha", "PJSIP/4930123@alpha", BuyRate(6_000, 30, 6)),
+    Route("beta", "PJSIP/4930123@beta", BuyRate(7_000)),
 )
 
 
