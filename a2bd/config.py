@@ -8,6 +8,7 @@ file: `A2BD_<SECTION>_<KEY>` (for example `A2BD_AGI_PORT=4574`), plus the short 
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import os
 import re
 import tomllib
@@ -196,6 +197,55 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MailSettings:
+    """The SMTP relay that invoices and notices are handed to (a2bd.adapters.mailer)."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    # Login (AUTH) when username is set; then give the password, or password_file (read at start; better
+    # than `password` in a file others may read), or A2BD_MAIL_PASSWORD in the environment.
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    starttls: bool = False  # True: STARTTLS after connecting, required; False: never (plain SMTP)
+    use_tls: bool = False  # implicit TLS from the first byte (SMTPS, usually port 465)
+    timeout_s: float = 10.0  # connecting and each reply of the server
+    sender: str = "billing@localhost"  # the From: header and the envelope sender
+    # A message the server defers (4xx, unreachable) is tried again after retry_base_s * 2**(attempts-1)
+    # seconds, at most retry_max_s, and given up after max_attempts attempts.
+    max_attempts: int = 8
+    retry_base_s: float = 30.0
+    retry_max_s: float = 3600.0
+
+    def validate(self) -> None:
+        _check(bool(self.host) and not _has_line_break(self.host), "mail.host", "must be a host name or address")
+        _check(0 < self.port <= 65535, "mail.port", "must be 1..65535")
+        _check(not (self.password and self.password_file), "mail.password",
+               "give at most one of password (or A2BD_MAIL_PASSWORD) and password_file")
+        _check(bool(self.username) == bool(self.password or self.password_file), "mail.username",
+               "username and a password (password, password_file or A2BD_MAIL_PASSWORD) go together")
+        _check(not _has_line_break(self.username), "mail.username", "must not hold CR or LF")
+        _check(not (self.starttls and self.use_tls), "mail.starttls",
+               "starttls and use_tls exclude each other (use_tls is TLS from the start, e.g. port 465)")
+        _check(0 < self.timeout_s <= 600, "mail.timeout_s", "must be > 0 and <= 600")
+        _check(_is_mail_address(self.sender), "mail.sender",
+               f"must be an e-mail address such as billing@example.net or \"Billing <billing@example.net>\" "
+               f"(got {self.sender!r})")
+        _check(1 <= self.max_attempts <= 100, "mail.max_attempts", "must be 1..100")
+        _check(self.retry_base_s > 0, "mail.retry_base_s", "must be > 0")
+        _check(self.retry_max_s >= self.retry_base_s, "mail.retry_max_s", "must be >= retry_base_s")
+
+    def read_password(self) -> str:
+        """The password to log in with ("" without a username): `password`, else password_file's content."""
+        if not self.password_file:
+            return self.password
+        try:
+            return Path(self.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"mail.password_file: cannot read {self.password_file}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     agi: AgiSettings = AgiSettings()
     redis: RedisSettings = RedisSettings()
@@ -205,6 +255,7 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     ami: AmiSettings = AmiSettings()
+    mail: MailSettings = MailSettings()
     asterisk: tuple[AsteriskServer, ...] = ()
 
     def validate(self) -> Settings:
@@ -263,6 +314,8 @@ def load_settings(
         else:
             continue
         data.setdefault(section, {})[name] = value
+    if "A2BD_MAIL_PASSWORD" in environ:  # the environment wins over the file, as for A2BD_AMI_SECRET_<NAME>
+        data.get("mail", {}).pop("password_file", None)
 
     built: dict[str, Any] = {}
     for section, values in data.items():
@@ -341,7 +394,10 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 raise ValueError(value)
             return value
     except ValueError as exc:
-        shown = _redact(str(value)) if "url" in key else str(value)
+        if key.endswith((".password", ".secret")):
+            shown = "***"
+        else:
+            shown = _redact(str(value)) if "url" in key else str(value)
         raise ConfigError(f"{key}: expected {typ.__name__}, got {shown!r}") from exc
     raise ConfigError(f"{key}: unsupported type {typ!r}")
 
@@ -349,6 +405,18 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
 def _check(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why}")
+
+
+def _has_line_break(text: str) -> bool:
+    return "\r" in text or "\n" in text
+
+
+def _is_mail_address(text: str) -> bool:
+    """One `user@domain` or `Display Name <user@domain>`: what can go in a From: header and an envelope."""
+    if _has_line_break(text):
+        return False
+    pairs = email.utils.getaddresses([text])
+    return len(pairs) == 1 and bool(re.fullmatch(r"[^@\s<>()\[\],;:\"]+@[A-Za-z0-9.-]+", pairs[0][1]))
 
 
 def _redact(url: str) -> str:

@@ -19,7 +19,10 @@ from a2bd.adapters.redis_store import RedisStore
 from a2bd.devservers import Servers, find_servers
 
 CI = os.environ.get("CI", "").lower() == "true"
-TABLES = ("ledger", "account_callerids", "accounts", "rates", "tariffs", "providers", "resellers")
+TABLES = ("ledger", "account_callerids", "accounts", "rates", "tariffs", "providers", "resellers", "notices",
+          "invoice_documents", "invoice_taxes", "invoices", "services", "packages", "issuers")
+# What the migrations seed and the tables above lose: the admin issuer.
+SEED = "INSERT INTO issuers (reseller_id, name, invoice_prefix) VALUES (NULL, 'a2bd', 'INV-')"
 
 
 def _missing(reason: str) -> None:
@@ -74,13 +77,19 @@ def pg_url(servers: Servers) -> Iterator[str]:
     asyncio.run(drop())
 
 
-@pytest.fixture
-async def pg(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_url)
+async def empty_database(conn: asyncpg.Connection) -> None:
+    """Every table as the migrations left it."""
     # Emptying the append-only ledger needs its triggers off: replica mode, for the test's cleanup only.
     await conn.execute("SET session_replication_role = replica")
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    await conn.execute(SEED)
     await conn.execute("SET session_replication_role = DEFAULT")
+
+
+@pytest.fixture
+async def pg(pg_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(pg_url)
+    await empty_database(conn)
     try:
         yield conn
     finally:

@@ -315,7 +315,8 @@ async def number_taken(conn: asyncpg.Connection, number: str) -> bool:
 async def post(
     conn: asyncpg.Connection, *, kind: str, amount_micro: int = 0, account_id: int | None = None,
     provider_id: int | None = None, provider_amount_micro: int = 0, call_id: str | None = None,
-    description: str = "", at: datetime | None = None,
+    description: str = "", at: datetime | None = None, tax_class: str | None = None,
+    service_id: int | None = None,
 ) -> asyncpg.Record:
     """Append one ledger line and return it (with its balance_after). `amount_micro` moves the account's
     balance, `provider_amount_micro` the provider's (what we owe the carrier)."""
@@ -333,13 +334,65 @@ async def post(
             provider_after = balance + provider_amount_micro
         row: asyncpg.Record = await conn.fetchrow(
             "INSERT INTO ledger (account_id, provider_id, kind, amount_micro, provider_amount_micro,"
-            " balance_after_micro, provider_balance_after_micro, call_id, description, created_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now())) RETURNING *",
+            " balance_after_micro, provider_balance_after_micro, call_id, description, created_at, tax_class,"
+            " service_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now()), $11, $12) RETURNING *",
             account_id, provider_id, kind, amount_micro, provider_amount_micro, balance_after, provider_after,
-            call_id, description, at,
+            call_id, description, at, tax_class, service_id,
         )
         await note_low_credit(conn, [account_id] if account_id is not None else [])
     return row
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLine:
+    """One line of money without a call, for `post_lines` (several lines of one account, one transaction)."""
+
+    kind: str
+    amount_micro: int  # + credits the account, - debits it
+    description: str = ""
+    tax_class: str | None = None  # None: the class of its kind
+    service_id: int | None = None
+    invoice_id: int | None = None  # a tax line posted for this invoice
+    tax_rate_ppm: int | None = None  # tax lines: the rate and the net base
+    tax_base_micro: int | None = None
+    call_id: str | None = None  # an idempotency key: (call_id, kind) is written once ever
+    at: datetime | None = None
+
+
+async def post_lines(conn: asyncpg.Connection, account_id: int, lines: Sequence[AccountLine]) -> list[asyncpg.Record]:
+    """Append lines to one account in order, in the caller's transaction or one of their own, under the
+    account's row lock (each states the balance after it). Returns the written lines."""
+    async with conn.transaction():
+        balance = await conn.fetchval("SELECT balance_micro FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+        if balance is None:
+            raise InputError(f"account id {account_id} does not exist")
+        afters = []
+        for line in lines:
+            balance += line.amount_micro
+            afters.append(balance)
+        rows = await conn.fetch(
+            _POST_LINES, account_id, [x.kind for x in lines], [x.amount_micro for x in lines], afters,
+            [x.description for x in lines], [x.tax_class for x in lines], [x.service_id for x in lines],
+            [x.invoice_id for x in lines], [x.tax_rate_ppm for x in lines], [x.tax_base_micro for x in lines],
+            [x.call_id for x in lines], [x.at for x in lines],
+        )
+        await note_low_credit(conn, [account_id])
+    return list(rows)
+
+
+_POST_LINES = """
+INSERT INTO ledger (account_id, kind, amount_micro, balance_after_micro, description, tax_class, service_id,
+                    invoice_id, tax_rate_ppm, tax_base_micro, call_id, created_at)
+SELECT $1, kind, amount, after, description, tax_class, service_id, invoice_id, rate, base, call_id,
+       coalesce(at, now())
+FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::bigint[],
+            $9::integer[], $10::bigint[], $11::text[], $12::timestamptz[])
+    WITH ORDINALITY AS t(kind, amount, after, description, tax_class, service_id, invoice_id, rate, base, call_id,
+                         at, ord)
+ORDER BY ord
+RETURNING *
+"""
 
 
 @dataclass(frozen=True, slots=True)

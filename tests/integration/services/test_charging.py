@@ -31,7 +31,7 @@ from a2bd.domain.tariff import BuyRate
 from a2bd.observability import REGISTRY
 from a2bd.services.charging import LedgerWriter, to_line
 from a2bd.services.sync import sync_redis
-from tests.conftest import TABLES
+from tests.conftest import empty_database
 from tests.proxy import proxied
 
 pytestmark = pytest.mark.integration
@@ -236,9 +236,7 @@ call_specs = st.tuples(
 
 async def reset(pg: asyncpg.Connection, store: RedisStore) -> None:
     """What the `pg` and `store` fixtures do before a test, once per hypothesis example."""
-    await pg.execute("SET session_replication_role = replica")
-    await pg.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    await pg.execute("SET session_replication_role = DEFAULT")
+    await empty_database(pg)
     await store.client.flushdb()
 
 
