@@ -216,6 +216,7 @@ ACCOUNT_FIELDS = (
     "number", "status", "tariff_id", "credit_limit_micro", "daily_limit_s", "currency", "timezone", "invoice_day",
     "vat_rate_ppm", "max_calls", "expires_at", "restrict_mode", "restrict_prefixes", "pin",
     "low_credit_threshold_micro", "name", "company", "address", "email", "language", "vat_number",
+    "last_name", "tax_mode", "invoices_enabled", "autorefill", "expiry_mode", "expiry_days", "reseller_id",
 )
 
 
@@ -231,7 +232,8 @@ async def create_account(
         tariff_id = await conn.fetchval("SELECT id FROM tariffs WHERE name = $1", tariff)
         if tariff_id is None:
             raise InputError(f"tariff {tariff!r} does not exist: import it with `a2bd tariff import`")
-        values = {**fields, "tariff_id": tariff_id}
+        # The initial balance is also what autorefill tops the account up to (A2Billing's "initial balance").
+        values = {"initial_balance_micro": max(initial_balance_micro, 0), **fields, "tariff_id": tariff_id}
         names = list(values)
         try:
             account_id = await conn.fetchval(

@@ -126,6 +126,14 @@ def buy_cost_micro(buy: BuyRate, duration_s: int) -> int:
                                increment_s=buy.increment_s), duration_s)
 
 
+CUT_NOTE = " (cut by the credit guard)"
+
+
+def destination_name(description: str) -> str:
+    """The destination a call line's description names (what invoices group calls by)."""
+    return description.removesuffix(CUT_NOTE)
+
+
 def rate_call(call: EndedCall) -> RatedCall | None:
     """The ledger line of an ended call, or None when it bills nothing (not answered)."""
     rec = call.record
@@ -134,10 +142,11 @@ def rate_call(call: EndedCall) -> RatedCall | None:
     route = next((r for r in rec.routes if r.provider == rec.provider), None)
     if route is None and rec.routes and rec.provider is None:
         route = rec.routes[0]  # answered but the route was not seen (events lost): the first was dialled first
-    what = rec.description or rec.prefix
-    note = f"{rec.destination} {what}, {call.duration_s} s"
+    # The description is the destination's name, what an invoice summarises calls by (number and seconds
+    # have their own columns).
+    note = rec.description or rec.prefix
     if call.cut_by_guard:
-        note += ", cut by the credit guard"
+        note += CUT_NOTE
     answered_ms = rec.answered_ms if rec.answered_ms is not None else call.ended_ms - call.duration_s * 1000
     return RatedCall(
         call_id=rec.call_id,

@@ -14,6 +14,7 @@ import structlog
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore, utc_day
+from a2bd.domain.invoice import format_rate, tax_in_gross
 from a2bd.errors import InputError, StoreUnavailable
 
 log = structlog.get_logger("a2bd.posting")
@@ -27,17 +28,31 @@ async def post_to_account(
     """`amount_micro` credits the account when positive (a payment), debits it when negative (a charge)."""
     if kind not in ACCOUNT_KINDS:
         raise InputError(f"kind must be one of {', '.join(ACCOUNT_KINDS)}")
-    account_id = await conn.fetchval("SELECT id FROM accounts WHERE number = $1", number)
-    if account_id is None:
+    acct = await conn.fetchrow("SELECT id, tax_mode, vat_rate_ppm FROM accounts WHERE number = $1", number)
+    if acct is None:
         raise InputError(f"account {number} does not exist")
-    line = await postgres.post(conn, kind=kind, amount_micro=amount_micro, account_id=account_id,
-                               description=description)
+    lines = [postgres.AccountLine(kind, amount_micro, description)]
+    if kind in ("payment", "refill") and amount_micro > 0 and acct["tax_mode"] == "payment" and acct["vat_rate_ppm"]:
+        # Taxed at payment (pre-paid): the gross payment credits only its net part (domain/invoice.py).
+        rate = acct["vat_rate_ppm"]
+        tax = tax_in_gross(amount_micro, rate)
+        if tax:
+            lines.append(postgres.AccountLine(
+                "tax", -tax, f"VAT {format_rate(rate)} included in the {kind}",
+                tax_class="standard", tax_rate_ppm=rate, tax_base_micro=amount_micro - tax))
+    written = await postgres.post_lines(conn, acct["id"], lines)
+    await tell_redis(store, number, written[-1])
+    return written[0]
+
+
+async def tell_redis(store: RedisStore, number: str, newest_line: asyncpg.Record) -> None:
+    """After a commit: set the account's hot balance to what its newest line states, and wake every guard.
+    Redis being away loses nothing (it lags; the daemon's resync or `a2bd sync` catches up)."""
     try:
-        await store.settle(number, line["id"], line["balance_after_micro"], utc_day(time.time()), [])
+        await store.settle(number, newest_line["id"], newest_line["balance_after_micro"], utc_day(time.time()), [])
         await store.publish_changed([number])
     except StoreUnavailable as exc:
         log.warning("posted in PostgreSQL; Redis not updated (run `a2bd sync`)", account=number, error=str(exc))
-    return line
 
 
 async def pay_provider(

@@ -1,0 +1,387 @@
+"""PostgreSQL side of invoicing: closing previews into invoices, numbering, confirming and discarding drafts.
+
+An invoice names a range of its account's ledger ids, (from_line_id, through_line_id], plus the tax lines
+posted for it (ledger.invoice_id). Closing happens under the account's row lock, which every posting also
+takes, and moves `accounts.invoiced_through_id`; the ledger refuses a line at or below that mark (sql/0003).
+Numbers come from the issuer's row (`next_number`), taken in the closing transaction: a rollback gives the
+number back, two closes queue on the row, so each issuer's sequence has no gap and no repeat.
+
+Many accounts close in one transaction (set-based statements), which is what closing 100,000 previews on
+the first of the month needs; one account that cannot close is reported, not fatal (beancount's loader).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import asyncpg
+
+from a2bd.adapters import postgres
+from a2bd.domain.invoice import PeriodLine, PeriodTotals, TaxRow, close_after, format_rate, period_totals
+from a2bd.errors import InputError
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """An invoice made by a close: confirmed (numbered) or a draft waiting for review."""
+
+    invoice_id: int
+    account_id: int
+    account: str
+    status: str
+    number: str | None
+    closing_micro: int
+    newest_line: asyncpg.Record | None  # the account's newest ledger line when the close posted any
+
+
+@dataclass(slots=True)
+class CloseReport:
+    closed: list[Closed] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)  # accounts with no line in the period: no invoice
+    errors: dict[str, str] = field(default_factory=dict)  # account -> why it could not close
+
+
+def invoice_number(prefix: str, seq: int) -> str:
+    return f"{prefix}{seq:06d}"
+
+
+# The lock first, alone: a statement that waited for a lock re-reads the locked row but not what its
+# subqueries saw, so what depends on a concurrent close (its invoice) is read by the next statement.
+_LOCK = "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
+
+_ACCOUNTS = """
+SELECT a.id, a.number, a.balance_micro, a.invoiced_through_id, coalesce(a.period_start, a.created_at) AS period_start,
+       a.vat_rate_ppm, a.tax_mode, a.currency, a.timezone, a.invoice_day, a.next_close_at, a.email,
+       a.autorefill, a.initial_balance_micro, a.invoices_enabled, a.reseller_id,
+       i.id AS issuer_id, i.mode AS issuer_mode, i.invoice_prefix,
+       (SELECT d.id FROM invoices d WHERE d.account_id = a.id AND d.status = 'draft') AS draft_id,
+       coalesce((SELECT p.closing_micro FROM invoices p WHERE p.account_id = a.id AND p.status <> 'discarded'
+                 ORDER BY p.id DESC LIMIT 1), 0) AS opening_micro
+FROM accounts a LEFT JOIN issuers i ON i.reseller_id IS NOT DISTINCT FROM a.reseller_id
+WHERE a.id = ANY($1::bigint[])
+ORDER BY a.id
+"""
+
+# Each account's period: its open lines up to the newest one written before the period's end.
+_THROUGH = """
+SELECT r.id, (SELECT max(l.id) FROM ledger l
+              WHERE l.account_id = r.id AND l.id > r.after AND l.invoice_id IS NULL AND l.created_at < r.until)
+       AS through
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS r(id, after, until)
+"""
+
+_PERIOD_GROUPS = """
+SELECT l.account_id, l.kind, coalesce(l.tax_class, k.tax_class) AS tax_class, c.rate_ppm AS class_rate,
+       l.tax_rate_ppm, sum(l.amount_micro)::bigint AS amount, sum(l.tax_base_micro)::bigint AS tax_base,
+       count(*)::integer AS n
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(id, after, through)
+JOIN ledger l ON l.account_id = r.id AND l.id > r.after AND l.id <= r.through AND l.invoice_id IS NULL
+LEFT JOIN kind_tax_classes k ON k.kind = l.kind
+LEFT JOIN tax_classes c ON c.name = coalesce(l.tax_class, k.tax_class)
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+_INSERT_INVOICES = """
+INSERT INTO invoices (account_id, issuer_id, status, number, seq, period_start, period_end, from_line_id,
+                      through_line_id, opening_micro, lines_micro, tax_micro, closing_micro, net_micro,
+                      payments_micro, line_count, currency, timezone, confirmed_at)
+SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::bigint[], $6::timestamptz[],
+                     $7::timestamptz[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[],
+                     $13::bigint[], $14::bigint[], $15::bigint[], $16::integer[], $17::text[], $18::text[],
+                     $19::timestamptz[])
+RETURNING id, account_id
+"""
+
+_INSERT_TAXES = """
+INSERT INTO invoice_taxes (invoice_id, tax_class, rate_ppm, net_micro, tax_micro)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::integer[], $4::bigint[], $5::bigint[])
+"""
+
+_INSERT_LINES = """
+INSERT INTO ledger (account_id, kind, amount_micro, balance_after_micro, description, tax_class, invoice_id,
+                    tax_rate_ppm, tax_base_micro)
+SELECT account_id, kind, amount, after, description, tax_class, invoice_id, rate, base
+FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[], $7::bigint[],
+            $8::integer[], $9::bigint[])
+    WITH ORDINALITY AS t(account_id, kind, amount, after, description, tax_class, invoice_id, rate, base, ord)
+ORDER BY ord
+RETURNING *
+"""
+
+_MOVE_MARKS = """
+UPDATE accounts a SET invoiced_through_id = coalesce(m.through, a.invoiced_through_id),
+                      period_start = coalesce(m.period_start, a.period_start),
+                      next_close_at = m.next_close
+FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[], $4::timestamptz[]) AS m(id, through, period_start,
+                                                                                    next_close)
+WHERE a.id = m.id
+"""
+
+
+def _line_rate(row: asyncpg.Record, vat_rate_ppm: int) -> int | None:
+    if row["tax_class"] is None:
+        return None
+    return int(row["class_rate"]) if row["class_rate"] is not None else vat_rate_ppm
+
+
+def _totals(rows: Sequence[asyncpg.Record], account: asyncpg.Record) -> tuple[PeriodTotals, list[TaxRow]]:
+    """The period's totals, and the tax rows the invoice shows: charged now, or collected at payment."""
+    taxed_here = account["tax_mode"] == "invoice"
+    lines = [
+        PeriodLine(r["kind"], int(r["amount"]), r["tax_class"] if r["kind"] != "tax" else None,
+                   _line_rate(r, account["vat_rate_ppm"]) if r["kind"] != "tax" else None, r["n"])
+        for r in rows
+    ]
+    totals = period_totals(lines, taxed_here=taxed_here)
+    if taxed_here:
+        return totals, list(totals.taxes)
+    collected: dict[tuple[str, int], tuple[int, int]] = {}
+    for r in rows:
+        if r["kind"] == "tax":
+            key = (r["tax_class"] or "standard", int(r["tax_rate_ppm"]))
+            net, tax = collected.get(key, (0, 0))
+            collected[key] = (net + int(r["tax_base"] or 0), tax - int(r["amount"]))
+    return totals, [TaxRow(c, rate, net, tax) for (c, rate), (net, tax) in sorted(collected.items())]
+
+
+async def close_periods(
+    conn: asyncpg.Connection,
+    account_ids: Sequence[int],
+    *,
+    until: datetime | None,
+    now: datetime,
+    scheduled: bool = False,
+) -> CloseReport:
+    """Close the open previews of `account_ids` in one transaction.
+
+    `until`: the period ends there (an admin's close: now); None with `scheduled`: each account's own
+    `next_close_at` (its invoice day's local midnight), and only accounts still due after the lock.
+    A period with no line makes no invoice (closing twice is a no-op). Issuers in draft mode get drafts:
+    no number and no tax line until `confirm`.
+    """
+    report = CloseReport()
+    async with conn.transaction():
+        await conn.execute(_LOCK, list(account_ids))
+        accounts = await conn.fetch(_ACCOUNTS, list(account_ids))
+        found = {a["id"] for a in accounts}
+        for missing in sorted(set(account_ids) - found):
+            report.errors[str(missing)] = "no such account"
+        ready: list[tuple[asyncpg.Record, datetime]] = []
+        for acct in accounts:
+            if acct["issuer_id"] is None:
+                report.errors[acct["number"]] = (f"reseller {acct['reseller_id']} has no issuer: add one with "
+                                                 "`a2bd issuer add --reseller`")
+            elif acct["draft_id"] is not None:
+                report.errors[acct["number"]] = f"draft invoice {acct['draft_id']} waits: confirm or discard it first"
+            elif scheduled:
+                if acct["invoices_enabled"] and acct["next_close_at"] is not None and acct["next_close_at"] <= now:
+                    ready.append((acct, acct["next_close_at"]))
+            else:
+                ready.append((acct, until or now))
+        if not ready:
+            return report
+
+        throughs = {
+            r["id"]: r["through"]
+            for r in await conn.fetch(_THROUGH, [a["id"] for a, _ in ready],
+                                      [a["invoiced_through_id"] for a, _ in ready], [end for _, end in ready])
+        }
+        with_lines = [(a, end) for a, end in ready if throughs.get(a["id"]) is not None]
+        groups: dict[int, list[asyncpg.Record]] = {}
+        if with_lines:
+            for row in await conn.fetch(_PERIOD_GROUPS, [a["id"] for a, _ in with_lines],
+                                        [a["invoiced_through_id"] for a, _ in with_lines],
+                                        [throughs[a["id"]] for a, _ in with_lines]):
+                groups.setdefault(row["account_id"], []).append(row)
+
+        # Numbers: one block per issuer, taken under the issuer's row lock (issuers in id order).
+        confirm_counts: dict[int, int] = {}
+        for acct, _ in with_lines:
+            if acct["issuer_mode"] == "confirm":
+                confirm_counts[acct["issuer_id"]] = confirm_counts.get(acct["issuer_id"], 0) + 1
+        next_seq: dict[int, int] = {}
+        for issuer_id in sorted(confirm_counts):
+            next_seq[issuer_id] = await conn.fetchval(
+                "UPDATE issuers SET next_number = next_number + $2 WHERE id = $1 RETURNING next_number - $2",
+                issuer_id, confirm_counts[issuer_id])
+
+        cols: dict[str, list[Any]] = {k: [] for k in (
+            "account", "issuer", "status", "number", "seq", "start", "end", "from", "through", "opening",
+            "lines", "tax", "closing", "net", "payments", "count", "currency", "tz", "confirmed")}
+        tax_rows: dict[int, list[TaxRow]] = {}
+        charged: dict[int, list[TaxRow]] = {}
+        made: dict[int, tuple[str, str | None, int]] = {}  # account -> (status, number, closing)
+        for acct, end in with_lines:
+            totals, shown = _totals(groups.get(acct["id"], []), acct)
+            confirm = acct["issuer_mode"] == "confirm"
+            seq = number = None
+            if confirm:
+                seq = next_seq[acct["issuer_id"]]
+                next_seq[acct["issuer_id"]] = seq + 1
+                number = invoice_number(acct["invoice_prefix"], seq)
+            tax = totals.tax_micro
+            for key, value in (
+                ("account", acct["id"]), ("issuer", acct["issuer_id"]), ("status", "confirmed" if confirm else "draft"),
+                ("number", number), ("seq", seq), ("start", acct["period_start"]), ("end", end),
+                ("from", acct["invoiced_through_id"]), ("through", throughs[acct["id"]]),
+                ("opening", acct["opening_micro"]), ("lines", totals.lines_micro), ("tax", tax),
+                ("closing", acct["opening_micro"] + totals.lines_micro - tax), ("net", totals.net_micro),
+                ("payments", totals.payments_micro), ("count", totals.line_count), ("currency", acct["currency"]),
+                ("tz", acct["timezone"]), ("confirmed", now if confirm else None),
+            ):
+                cols[key].append(value)
+            tax_rows[acct["id"]] = shown
+            made[acct["id"]] = (cols["status"][-1], number, cols["closing"][-1])
+            if confirm:
+                charged[acct["id"]] = list(totals.taxes)
+
+        inserted = await conn.fetch(_INSERT_INVOICES, *cols.values())
+        invoice_of = {r["account_id"]: r["id"] for r in inserted}
+        await conn.execute(
+            _INSERT_TAXES,
+            *_columns([(invoice_of[acct_id], t.tax_class, t.rate_ppm, t.net_micro, t.tax_micro)
+                       for acct_id, rows in tax_rows.items() for t in rows], 5),
+        )
+
+        # Tax lines of confirmed invoices, then autorefills into the new preview; both chain from the locked
+        # balance.
+        balances = {a["id"]: a["balance_micro"] for a, _ in ready}
+        new_lines: list[tuple[int, str, int, int, str, str | None, int | None, int | None, int | None]] = []
+        for acct, _ in with_lines:
+            for t in charged.get(acct["id"], []):
+                if t.tax_micro:
+                    balances[acct["id"]] -= t.tax_micro
+                    new_lines.append((acct["id"], "tax", -t.tax_micro, balances[acct["id"]],
+                                      f"VAT {format_rate(t.rate_ppm)} on {t.tax_class}", t.tax_class,
+                                      invoice_of[acct["id"]], t.rate_ppm, t.net_micro))
+        for acct, _ in with_lines:
+            short = acct["initial_balance_micro"] - balances[acct["id"]]
+            if acct["autorefill"] and short > 0:
+                balances[acct["id"]] += short
+                new_lines.append((acct["id"], "refill", short, balances[acct["id"]],
+                                  "autorefill to the initial balance", None, None, None, None))
+        newest: dict[int, asyncpg.Record] = {}
+        if new_lines:
+            for row in await conn.fetch(_INSERT_LINES, *_columns(new_lines, 9)):
+                newest[row["account_id"]] = row
+
+        marks = []
+        for acct, end in ready:
+            has = acct["id"] in invoice_of
+            next_close = acct["next_close_at"]
+            if next_close is None or next_close <= end:
+                next_close = close_after(end, acct["invoice_day"], ZoneInfo(acct["timezone"]))
+            marks.append((acct["id"], throughs[acct["id"]] if has else None, end if has else None, next_close))
+        await conn.execute(_MOVE_MARKS, *_columns(marks, 4))
+        closed_ids = list(invoice_of)
+        await conn.execute("UPDATE packages SET used_s = 0 WHERE account_id = ANY($1::bigint[]) AND used_s <> 0",
+                           closed_ids)
+        await _notify_issued(conn, [invoice_of[a["id"]] for a, _ in with_lines if a["issuer_mode"] == "confirm"])
+        if newest:
+            await postgres.note_low_credit(conn, list(newest))
+
+        for acct, _ in with_lines:
+            status, number, closing = made[acct["id"]]
+            report.closed.append(Closed(invoice_of[acct["id"]], acct["id"], acct["number"], status, number, closing,
+                                        newest.get(acct["id"])))
+        report.empty = [a["number"] for a, _ in ready if a["id"] not in invoice_of]
+    return report
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows to the column arrays an unnest() insert takes."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+async def _notify_issued(conn: asyncpg.Connection, invoice_ids: Sequence[int]) -> None:
+    """An e-mail notice per issued invoice whose account has an address (the outbox sends it, PDF attached)."""
+    if invoice_ids:
+        await conn.execute(
+            "INSERT INTO notices (account_id, kind, detail, to_address)"
+            " SELECT i.account_id, 'invoice', jsonb_build_object('invoice_id', i.id, 'number', i.number), a.email"
+            " FROM invoices i JOIN accounts a ON a.id = i.account_id"
+            " WHERE i.id = ANY($1::bigint[]) AND a.email <> ''",
+            list(invoice_ids),
+        )
+
+
+async def confirm(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> Closed:
+    """Number a draft, post the tax it charges, and make it final."""
+    async with conn.transaction():
+        account_id = await conn.fetchval("SELECT account_id FROM invoices WHERE id = $1", invoice_id)
+        if account_id is None:
+            raise InputError(f"invoice {invoice_id} does not exist")
+        acct = await conn.fetchrow("SELECT id, number, balance_micro, tax_mode FROM accounts WHERE id = $1 FOR UPDATE",
+                                   account_id)
+        inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
+        if inv["status"] != "draft":
+            raise InputError(f"invoice {invoice_id} is {inv['status']}, not a draft")
+        issuer = await conn.fetchrow(
+            "UPDATE issuers SET next_number = next_number + 1 WHERE id = $1 RETURNING next_number - 1 AS seq,"
+            " invoice_prefix", inv["issuer_id"])
+        number = invoice_number(issuer["invoice_prefix"], issuer["seq"])
+        newest = None
+        if inv["tax_micro"]:
+            rows = await conn.fetch("SELECT * FROM invoice_taxes WHERE invoice_id = $1 ORDER BY tax_class, rate_ppm",
+                                    invoice_id)
+            balance = acct["balance_micro"]
+            lines = []
+            for t in rows:
+                if t["tax_micro"]:
+                    balance -= t["tax_micro"]
+                    lines.append((account_id, "tax", -t["tax_micro"], balance,
+                                  f"VAT {format_rate(t['rate_ppm'])} on {t['tax_class']}", t["tax_class"], invoice_id,
+                                  t["rate_ppm"], t["net_micro"]))
+            written = await conn.fetch(_INSERT_LINES, *_columns(lines, 9))
+            newest = written[-1] if written else None
+        await conn.execute("UPDATE invoices SET status = 'confirmed', number = $2, seq = $3, confirmed_at = $4"
+                           " WHERE id = $1", invoice_id, number, issuer["seq"], now)
+        await _notify_issued(conn, [invoice_id])
+    return Closed(invoice_id, account_id, acct["number"], "confirmed", number, inv["closing_micro"], newest)
+
+
+async def discard(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> None:
+    """Drop a draft: its lines go back to the account's preview."""
+    async with conn.transaction():
+        account_id = await conn.fetchval("SELECT account_id FROM invoices WHERE id = $1", invoice_id)
+        if account_id is None:
+            raise InputError(f"invoice {invoice_id} does not exist")
+        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+        inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
+        if inv["status"] != "draft":
+            raise InputError(f"invoice {invoice_id} is {inv['status']}: only a draft can be discarded")
+        await conn.execute("UPDATE invoices SET status = 'discarded', discarded_at = $2 WHERE id = $1",
+                           invoice_id, now)
+        await conn.execute("UPDATE accounts SET invoiced_through_id = $2, period_start = $3 WHERE id = $1",
+                           account_id, inv["from_line_id"], inv["period_start"])
+
+
+async def due_accounts(conn: asyncpg.Connection, now: datetime, limit: int) -> list[int]:
+    """Accounts whose invoice day has come (next_close_at passed), oldest first."""
+    return [r["id"] for r in await conn.fetch(
+        "SELECT id FROM accounts WHERE invoices_enabled AND next_close_at <= $1 ORDER BY next_close_at, id LIMIT $2",
+        now, limit)]
+
+
+async def schedule_new_accounts(conn: asyncpg.Connection) -> int:
+    """Give every account without one its next close (its first invoice day after its period began)."""
+    rows = await conn.fetch("SELECT id, coalesce(period_start, created_at) AS start, invoice_day, timezone"
+                            " FROM accounts WHERE next_close_at IS NULL")
+    if rows:
+        await conn.execute(
+            "UPDATE accounts a SET next_close_at = m.at FROM unnest($1::bigint[], $2::timestamptz[]) AS m(id, at)"
+            " WHERE a.id = m.id AND a.next_close_at IS NULL",
+            [r["id"] for r in rows],
+            [close_after(r["start"], r["invoice_day"], ZoneInfo(r["timezone"])) for r in rows],
+        )
+    return len(rows)
+
+
+def detail(record: asyncpg.Record) -> dict[str, Any]:
+    value = record["detail"]
+    return json.loads(value) if isinstance(value, str) else dict(value)
