@@ -93,6 +93,9 @@ class BillingSettings:
     reconcile_cdr_age_s: int = 60
     # ... and only when it is at most this old (how far back the reconciler looks).
     reconcile_cdr_window_s: int = 2 * 86400
+    # The billing scheduler (recurring charges, invoice days, PDFs, e-mails) runs this often; 0 = not in
+    # this daemon (run `a2bd billing run` from a timer instead). One daemon at a time runs it.
+    scheduler_interval_s: float = 60.0
 
     def validate(self) -> None:
         _check(self.fail_open_limit_ms >= 0, "billing.fail_open_limit_ms", "must be >= 0")
@@ -105,6 +108,8 @@ class BillingSettings:
         _check(self.reconcile_cdr_age_s >= 0, "billing.reconcile_cdr_age_s", "must be >= 0")
         _check(self.reconcile_cdr_window_s > self.reconcile_cdr_age_s, "billing.reconcile_cdr_window_s",
                "must be more than reconcile_cdr_age_s")
+        _check(self.scheduler_interval_s == 0 or 1 <= self.scheduler_interval_s <= 3600,
+               "billing.scheduler_interval_s", "must be 0 (off) or 1..3600")
 
 
 @dataclass(frozen=True, slots=True)

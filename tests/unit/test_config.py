@@ -83,3 +83,88 @@ def test_config_option_before_or_after_the_command(argv: list[str]) -> None:
     from a2bd.cli import build_parser
 
     assert build_parser().parse_args(argv).config == Path("/etc/a2bd/x.toml")
+
+
+# -- [mail] ----------------------------------------------------------------------------------------------------
+
+
+def test_mail_defaults_and_overrides(tmp_path: Path) -> None:
+    from a2bd.config import MailSettings
+
+    assert load_settings(None, {}).mail == MailSettings()
+    path = tmp_path / "a2bd.toml"
+    path.write_text('[mail]\nhost = "smtp.example.net"\nport = 587\nstarttls = true\nusername = "a2bd"\n'
+                    'password_file = "/etc/a2bd/smtp.secret"\nsender = "Billing <billing@example.net>"\n')
+    s = load_settings(path, {"A2BD_MAIL_MAX_ATTEMPTS": "3", "A2BD_MAIL_RETRY_BASE_S": "5"}).mail
+    assert (s.host, s.port, s.starttls, s.use_tls) == ("smtp.example.net", 587, True, False)
+    assert (s.username, s.password_file, s.sender) == ("a2bd", "/etc/a2bd/smtp.secret", "Billing <billing@example.net>")
+    assert (s.max_attempts, s.retry_base_s, s.retry_max_s) == (3, 5.0, 3600.0)
+
+
+def test_mail_password_from_the_environment_wins_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "a2bd.toml"
+    path.write_text('[mail]\nusername = "a2bd"\npassword_file = "/etc/a2bd/smtp.secret"\n')
+    s = load_settings(path, {"A2BD_MAIL_PASSWORD": "hunter2"})
+    assert (s.mail.password, s.mail.password_file, s.mail.read_password()) == ("hunter2", "", "hunter2")
+    assert "hunter2" not in repr(s)
+
+
+def test_mail_password_file_is_read_stripped(tmp_path: Path) -> None:
+    secret = tmp_path / "smtp.secret"
+    secret.write_text("hunter2\n")
+    s = load_settings(None, {"A2BD_MAIL_USERNAME": "a2bd", "A2BD_MAIL_PASSWORD_FILE": str(secret)})
+    assert s.mail.read_password() == "hunter2"
+    missing = load_settings(None, {"A2BD_MAIL_USERNAME": "a2bd", "A2BD_MAIL_PASSWORD_FILE": str(tmp_path / "no")})
+    with pytest.raises(ConfigError, match=r"mail.password_file: cannot read .*/no"):
+        missing.mail.read_password()
+
+
+@pytest.mark.parametrize("sender", [
+    "billing@example.net", "Example Billing <billing@example.net>", '"Billing, Inc." <billing@example.net>',
+    "billing@localhost",
+])
+def test_mail_sender_accepts_an_address(sender: str) -> None:
+    assert load_settings(None, {"A2BD_MAIL_SENDER": sender}).mail.sender == sender
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"A2BD_MAIL_HOST": ""}, "mail.host: must be a host name or address"),
+    ({"A2BD_MAIL_PORT": "0"}, "mail.port: must be 1..65535"),
+    ({"A2BD_MAIL_PORT": "65536"}, "mail.port: must be 1..65535"),
+    ({"A2BD_MAIL_PORT": "smtp"}, "mail.port: expected int, got 'smtp'"),
+    ({"A2BD_MAIL_USERNAME": "a2bd"}, "mail.username: username and a password"),
+    ({"A2BD_MAIL_PASSWORD": "pw"}, "mail.username: username and a password"),
+    ({"A2BD_MAIL_PASSWORD_FILE": "/etc/a2bd/smtp.secret"}, "mail.username: username and a password"),
+    ({"A2BD_MAIL_STARTTLS": "yes", "A2BD_MAIL_USE_TLS": "yes"}, "mail.starttls: starttls and use_tls exclude"),
+    ({"A2BD_MAIL_STARTTLS": "maybe"}, "mail.starttls: expected bool"),
+    ({"A2BD_MAIL_TIMEOUT_S": "0"}, "mail.timeout_s: must be > 0"),
+    ({"A2BD_MAIL_SENDER": "billing"}, "mail.sender: must be an e-mail address"),
+    ({"A2BD_MAIL_SENDER": "a@example.net, b@example.net"}, "mail.sender: must be an e-mail address"),
+    ({"A2BD_MAIL_SENDER": "a@example.net\r\nBcc: x@example.org"}, "mail.sender: must be an e-mail address"),
+    ({"A2BD_MAIL_SENDER": ""}, "mail.sender: must be an e-mail address"),
+    ({"A2BD_MAIL_MAX_ATTEMPTS": "0"}, "mail.max_attempts: must be 1..100"),
+    ({"A2BD_MAIL_RETRY_BASE_S": "0"}, "mail.retry_base_s: must be > 0"),
+    ({"A2BD_MAIL_RETRY_BASE_S": "-1"}, "mail.retry_base_s: must be > 0"),
+    ({"A2BD_MAIL_RETRY_MAX_S": "10"}, "mail.retry_max_s: must be >= retry_base_s"),
+    ({"A2BD_MAIL_NOPE": "1"}, "mail.nope: unknown key"),
+])
+def test_mail_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env)
+    assert message in str(info.value)
+
+
+def test_mail_password_given_twice_in_the_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a2bd.toml"
+    path.write_text('[mail]\nusername = "a2bd"\npassword = "hunter2"\npassword_file = "/etc/a2bd/smtp.secret"\n')
+    with pytest.raises(ConfigError, match=r"mail\.password: give at most one of password") as info:
+        load_settings(path, {})
+    assert "hunter2" not in str(info.value)
+
+
+def test_mail_password_of_the_wrong_type_is_not_shown(tmp_path: Path) -> None:
+    path = tmp_path / "a2bd.toml"
+    path.write_text('[mail]\nusername = "a2bd"\npassword = 98765432\n')
+    with pytest.raises(ConfigError, match=r"mail.password: expected str, got '\*\*\*'") as info:
+        load_settings(path, {})
+    assert "98765432" not in str(info.value)
