@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime
 from zoneinfo import ZoneInfo
+
+from a2bd.domain.recurring import day_start
 
 PPM = 1_000_000
 CENT_MICRO = 10_000  # taxes are rounded to the cent
@@ -87,26 +89,6 @@ def invoice_taxes(bases: Iterable[TaxBase]) -> list[TaxRow]:
 
 # -- the invoice day ---------------------------------------------------------------------------------
 
-_STEP = timedelta(minutes=15)  # every real UTC-offset change is a multiple of 15 minutes
-
-
-def local_day_start(day: date, tz: ZoneInfo) -> datetime:
-    """The first instant (UTC) of the local calendar day `day` in `tz`.
-
-    Usually local midnight. Where a daylight-saving jump skips midnight (America/Santiago, Asia/Beirut...)
-    it is the jump itself, the first local time that exists that day; where midnight happens twice, the
-    first one.
-    """
-    start = datetime.combine(day, time(0), tzinfo=tz).astimezone(UTC)  # fold=0: the earlier reading
-    while start.astimezone(tz).date() > day:  # inside a gap that ends after midnight
-        start -= _STEP
-    while (start - _STEP).astimezone(tz).date() == day:
-        start -= _STEP
-    while start.astimezone(tz).date() < day:
-        start += timedelta(minutes=1)
-    return start
-
-
 def close_after(after: datetime, invoice_day: int, tz: ZoneInfo | str) -> datetime:
     """The first instant strictly after `after` at which an account whose invoice day is `invoice_day`
     (1..28) closes its period: the start of that day of the month in the account's time zone."""
@@ -116,7 +98,7 @@ def close_after(after: datetime, invoice_day: int, tz: ZoneInfo | str) -> dateti
     local = after.astimezone(zone).date()
     year, month = local.year, local.month
     while True:
-        candidate = local_day_start(date(year, month, invoice_day), zone)
+        candidate = day_start(date(year, month, invoice_day), zone)
         if candidate > after:
             return candidate
         year, month = (year + 1, 1) if month == 12 else (year, month + 1)

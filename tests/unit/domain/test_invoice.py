@@ -18,11 +18,11 @@ from a2bd.domain.invoice import (
     close_after,
     format_rate,
     invoice_taxes,
-    local_day_start,
     period_totals,
     tax_in_gross,
     tax_on_net,
 )
+from a2bd.domain.recurring import day_start
 
 
 @pytest.mark.parametrize(("net", "rate", "tax"), [
@@ -126,7 +126,7 @@ def test_close_after_is_the_next_local_midnight_of_the_invoice_day(after: dateti
 def test_a_midnight_skipped_by_daylight_saving_starts_the_day_at_the_jump() -> None:
     # America/Santiago springs forward at 24:00 on 5 September 2026: 6 September starts at 01:00 local.
     santiago = ZoneInfo("America/Santiago")
-    start = local_day_start(date(2026, 9, 6), santiago)
+    start = day_start(date(2026, 9, 6), santiago)
     assert start.astimezone(santiago).date() == date(2026, 9, 6)
     assert (start - timedelta(microseconds=1)).astimezone(santiago).date() == date(2026, 9, 5)
 
