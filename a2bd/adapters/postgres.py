@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from a2bd.domain.rating import SellRate
+from a2bd.domain.rating import SellRate, cost_with_free_micro
 from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.errors import InputError, StoreUnavailable
 
@@ -303,6 +303,24 @@ async def providers_for_sync(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(await conn.fetch(_SYNC_PROVIDERS))
 
 
+async def add_package(conn: asyncpg.Connection, number: str, name: str, free_s: int,
+                      prefixes: Sequence[str] = ()) -> asyncpg.Record:
+    """A free-minute package: `free_s` seconds per billing period to `prefixes` (none: any destination),
+    used before the account's credit when its calls are rated, counted afresh at each invoice close."""
+    if free_s <= 0:
+        raise InputError("a package gives at least one free second")
+    bad = [p for p in prefixes if not p.isdigit()]
+    if bad:
+        raise InputError(f"package prefixes are digits: {', '.join(bad)}")
+    account_id = await conn.fetchval("SELECT id FROM accounts WHERE number = $1", number)
+    if account_id is None:
+        raise InputError(f"account {number} does not exist")
+    row: asyncpg.Record = await conn.fetchrow(
+        "INSERT INTO packages (account_id, name, free_s, prefixes) VALUES ($1, $2, $3, $4) RETURNING *",
+        account_id, name, free_s, list(prefixes))
+    return row
+
+
 async def number_taken(conn: asyncpg.Connection, number: str) -> bool:
     return bool(await conn.fetchval("SELECT EXISTS (SELECT 1 FROM accounts WHERE number = $1)", number))
 
@@ -411,6 +429,8 @@ class CallLine:
     ended_at: datetime
     provider: str | None = None
     provider_amount_micro: int = 0  # >= 0: the buy cost, added to what we owe the carrier
+    sell: SellRate | None = None  # the rate it was priced at (a free-minute package re-prices the call)
+    free_s: int = 0  # seconds a package covered (set by write_calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,9 +451,9 @@ class WrittenLine:
 _WRITE_CALLS = """
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::integer[],
-                         $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[])
+                         $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[], $11::integer[])
         WITH ORDINALITY AS b(call_id, account, provider, amount, provider_amount, seconds, destination,
-                             description, answered_at, created_at, ord)
+                             description, answered_at, created_at, free_s, ord)
 ), fresh AS (
     -- One probe of the unique (call_id, kind) index per line, whatever the statistics say: an anti-join
     -- planned from stale statistics scanned every call line of the ledger for each batch.
@@ -450,15 +470,61 @@ WITH batch AS (
 )
 INSERT INTO ledger (account_id, provider_id, kind, amount_micro, provider_amount_micro, balance_after_micro,
                     provider_balance_after_micro, call_id, seconds, destination, description, answered_at,
-                    created_at)
+                    created_at, free_s)
 SELECT acc.id, prov.id, 'call', f.amount, CASE WHEN prov.id IS NULL THEN 0 ELSE f.provider_amount END,
        acc.balance_micro + sum(f.amount) OVER (PARTITION BY acc.id ORDER BY f.ord),
        prov.balance_micro + sum(f.provider_amount) OVER (PARTITION BY prov.id ORDER BY f.ord),
-       f.call_id, f.seconds, f.destination, f.description, f.answered_at, f.created_at
+       f.call_id, f.seconds, f.destination, f.description, f.answered_at, f.created_at, nullif(f.free_s, 0)
 FROM fresh f JOIN acc ON acc.number = f.account LEFT JOIN prov ON prov.name = f.provider
 ORDER BY f.ord
 RETURNING id, call_id, balance_after_micro, provider_balance_after_micro, account_id
 """
+
+_PACKAGES = """
+SELECT p.id, a.number, p.free_s - p.used_s AS left_s, p.prefixes
+FROM packages p JOIN accounts a ON a.id = p.account_id
+WHERE a.number = ANY($1::text[]) AND p.active AND p.used_s < p.free_s
+ORDER BY p.id
+FOR UPDATE OF p
+"""
+
+
+async def _use_packages(conn: asyncpg.Connection, batch: list[CallLine]) -> list[CallLine]:
+    """Free-minute packages are used first: re-price the batch's new calls of accounts that have seconds
+    left, in batch order, and count the seconds used, in the batch's transaction (so a call uses its
+    package once: a replayed call is not new, and a writer that loses a race rolls its counts back).
+    One indexed query when no account of the batch has a package."""
+    left: dict[str, list[list[Any]]] = {}
+    for row in await conn.fetch(_PACKAGES, list({x.account for x in batch if x.sell is not None})):
+        left.setdefault(row["number"], []).append([row["id"], row["left_s"], tuple(row["prefixes"])])
+    if not left:
+        return batch
+    candidates = [x.call_id for x in batch if x.account in left]
+    written = {r["call_id"] for r in await conn.fetch(
+        "SELECT call_id FROM ledger WHERE kind = 'call' AND call_id = ANY($1::text[])", candidates)}
+    used: dict[int, int] = {}
+    priced: list[CallLine] = []
+    for line in batch:
+        packages = left.get(line.account)
+        if not packages or line.sell is None or line.call_id in written:
+            priced.append(line)
+            continue
+        matching = [p for p in packages if p[1] > 0 and (not p[2] or line.destination.startswith(p[2]))]
+        amount, covered = cost_with_free_micro(line.sell, line.seconds, sum(p[1] for p in matching))
+        if covered:
+            line = replace(line, amount_micro=-amount, free_s=covered)
+            for package in matching:  # oldest package first
+                take = min(package[1], covered)
+                package[1] -= take
+                used[package[0]] = used.get(package[0], 0) + take
+                covered -= take
+        priced.append(line)
+    if used:
+        await conn.execute(
+            "UPDATE packages p SET used_s = p.used_s + u.s FROM unnest($1::bigint[], $2::integer[]) AS u(id, s)"
+            " WHERE p.id = u.id", list(used), list(used.values()))
+    return priced
+
 
 _EXISTING_CALLS = """
 SELECT l.id, l.call_id, a.number, l.balance_after_micro, p.name AS provider, l.provider_balance_after_micro,
@@ -484,12 +550,13 @@ async def write_calls(conn: asyncpg.Connection, lines: Sequence[CallLine]) -> li
         # A plan for these very arrays: the generic plan asyncpg's prepared statement falls back to after five
         # runs took twice as long (it cannot see how many lines and accounts a batch has).
         await conn.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+        batch = await _use_packages(conn, batch)
         inserted = await conn.fetch(
             _WRITE_CALLS,
             [x.call_id for x in batch], [x.account for x in batch], [x.provider for x in batch],
             [x.amount_micro for x in batch], [x.provider_amount_micro for x in batch],
             [x.seconds for x in batch], [x.destination for x in batch], [x.description for x in batch],
-            [x.answered_at for x in batch], [x.ended_at for x in batch],
+            [x.answered_at for x in batch], [x.ended_at for x in batch], [x.free_s for x in batch],
         )
         await note_low_credit(conn, list({r["account_id"] for r in inserted}))
     written: list[WrittenLine] = []

@@ -117,6 +117,7 @@ class RatedCall:
     description: str
     answered_ms: int
     ended_ms: int
+    sell: SellRate | None = None  # the rate it was priced at: a free-minute package re-prices it when written
 
 
 def buy_cost_micro(buy: BuyRate, duration_s: int) -> int:
@@ -159,6 +160,7 @@ def rate_call(call: EndedCall) -> RatedCall | None:
         description=note,
         answered_ms=answered_ms,
         ended_ms=call.ended_ms,
+        sell=rec.sell,
     )
 
 

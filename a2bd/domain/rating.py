@@ -63,6 +63,29 @@ def cost_micro(rate: SellRate, duration_s: int) -> int:
     return max(charge, rate.min_cost_micro)
 
 
+def cost_with_free_micro(rate: SellRate, duration_s: int, free_s: int) -> tuple[int, int]:
+    """(price, seconds covered) of a call when up to `free_s` seconds of a free-minute package are left.
+
+    The package covers the call's billable seconds first. A call it covers whole costs nothing (no
+    connection charge either); a call it covers in part pays the rest at the rate, with the connection and
+    disconnection charges and the minimal cost, the remainder rounded up to the micro-unit once:
+
+        covered = min(free_s, billable(d));  rest = billable(d) - covered
+        price   = cost(d)                                          if covered = 0
+                = 0                                                if rest = 0
+                = max(connect + ceil(rest × rate / 60) + disconnect, minimal cost)   otherwise
+    """
+    billable = billable_s(rate, duration_s)
+    covered = min(max(free_s, 0), billable)
+    if covered == 0:
+        return cost_micro(rate, duration_s), 0
+    rest = billable - covered
+    if rest == 0:
+        return 0, covered
+    charge = rate.connect_micro + ceil_div(rest * rate.rate_per_min_micro, 60) + rate.disconnect_micro
+    return max(charge, rate.min_cost_micro), covered
+
+
 def first_block_micro(rate: SellRate) -> int:
     """Price of the shortest call that is billed at all (grace + 1 s): what any answered call costs."""
     return cost_micro(rate, rate.grace_s + 1)

@@ -51,7 +51,7 @@ def to_line(rated: RatedCall) -> CallLine:
         destination=rated.destination, description=rated.description,
         answered_at=datetime.fromtimestamp(rated.answered_ms / 1000, UTC),
         ended_at=datetime.fromtimestamp(rated.ended_ms / 1000, UTC),
-        provider=rated.provider, provider_amount_micro=rated.provider_amount_micro,
+        provider=rated.provider, provider_amount_micro=rated.provider_amount_micro, sell=rated.sell,
     )
 
 

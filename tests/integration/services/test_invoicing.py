@@ -15,6 +15,7 @@ from a2bd.adapters import invoices, postgres
 from a2bd.adapters.postgres import AccountLine, CallLine
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.domain.invoice import tax_on_net
+from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.errors import InputError
 from a2bd.services import invoicing
 from a2bd.services.posting import post_to_account
@@ -409,3 +410,47 @@ async def test_random_months_invoice_every_line_once_and_chain_their_balances(
     every = [r["id"] for r in await pg.fetch("SELECT id FROM ledger WHERE account_id = $1 ORDER BY id", acct)]
     assert sorted(seen) == every  # the sum of all invoices' lines is the ledger
     assert previous == await pg.fetchval("SELECT balance_micro FROM accounts WHERE id = $1", acct)
+
+
+# -- free-minute packages -----------------------------------------------------------------------------
+
+PER_SECOND = SellRate(rate_per_min_micro=60_000, connect_micro=5_000)  # 1,000 micro-units a second
+
+
+def priced_call(call_id: str, destination: str, seconds: int) -> CallLine:
+    return CallLine(call_id, "5550001", -cost_micro(PER_SECOND, seconds), seconds, destination, "dest", OCT, OCT,
+                    sell=PER_SECOND)
+
+
+async def test_packages_are_used_first_once_per_call_and_reset_at_the_close(pg: asyncpg.Connection) -> None:
+    acct = await account(pg, opening=10_000_000, vat_rate_ppm=0)
+    anywhere = await postgres.add_package(pg, "5550001", "100 minutes", 120)
+    france = await postgres.add_package(pg, "5550001", "France", 60, ["33"])
+    await postgres.write_calls(pg, [priced_call("a", "33612345678", 90), priced_call("b", "4930123", 100)])
+    lines = {r["call_id"]: r for r in await pg.fetch("SELECT * FROM ledger WHERE kind = 'call'")}
+    assert (lines["a"]["amount_micro"], lines["a"]["free_s"]) == (0, 90)  # whole: no connection charge
+    # 30 s left of the first package (the French one does not cover Germany): 70 s paid, plus the connection
+    assert (lines["b"]["amount_micro"], lines["b"]["free_s"]) == (-(5_000 + 70_000), 30)
+    used = {r["id"]: r["used_s"] for r in await pg.fetch("SELECT id, used_s FROM packages")}
+    assert used == {anywhere["id"]: 120, france["id"]: 0}
+
+    # A replayed call uses nothing again; a new French call uses the French package.
+    await postgres.write_calls(pg, [priced_call("a", "33612345678", 90), priced_call("c", "33140000000", 80)])
+    c = await pg.fetchrow("SELECT * FROM ledger WHERE call_id = 'c'")
+    assert (c["amount_micro"], c["free_s"]) == (-(5_000 + 20_000), 60)
+    used = {r["id"]: r["used_s"] for r in await pg.fetch("SELECT id, used_s FROM packages")}
+    assert used == {anywhere["id"]: 120, france["id"]: 60}
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE id = $1", acct) == 10_000_000 - 75_000 - 25_000
+
+    await invoicing.close_accounts(pg, None, ["5550001"], NOV)
+    assert [r["used_s"] for r in await pg.fetch("SELECT used_s FROM packages")] == [0, 0]  # a new period
+
+
+async def test_a_package_for_an_unknown_account_or_bad_prefix_is_refused(pg: asyncpg.Connection) -> None:
+    await account(pg)
+    with pytest.raises(InputError, match="does not exist"):
+        await postgres.add_package(pg, "9999999", "x", 60)
+    with pytest.raises(InputError, match="digits"):
+        await postgres.add_package(pg, "5550001", "x", 60, ["+33"])
+    with pytest.raises(InputError, match="at least one"):
+        await postgres.add_package(pg, "5550001", "x", 0)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from a2bd.domain.rating import SellRate, billable_s, cost_micro, first_block_micro, max_duration_s
+from a2bd.domain.rating import SellRate, billable_s, cost_micro, cost_with_free_micro, first_block_micro, max_duration_s
 
 PER_MINUTE = SellRate(rate_per_min_micro=1_000_000, initial_block_s=60, increment_s=60)  # 1.00/min, 60/60
 # 0.0125/min, 30 s block then 6 s steps, 0.05 to connect, 0.01 to disconnect, first 5 s free
@@ -254,3 +254,28 @@ def test_a2billing_overspends_where_we_do_not(rate: SellRate, cap: int) -> None:
     theirs = a2billing_timeout_s(rate, credit)
     if theirs > rate.grace_s:
         assert cost_micro(rate, theirs) > credit
+
+
+# -- free-minute packages ---------------------------------------------------------------------------
+
+PACKAGED = SellRate(rate_per_min_micro=60_000, connect_micro=10_000, initial_block_s=30, increment_s=6)
+
+
+@pytest.mark.parametrize(("duration", "free", "price", "covered"), [
+    (100, 0, cost_micro(PACKAGED, 100), 0),      # no package: the ordinary price
+    (100, 500, 0, 102),                          # covered whole (billable 102 s): no connection charge either
+    (100, 60, 10_000 + 42_000, 60),              # 42 s left to pay, at 1,000 micro/s, plus the connection
+    (10, 500, 0, 30),                            # the initial block is what is covered
+    (0, 500, 0, 0),                              # nothing billable, nothing used
+])
+def test_cost_with_free_seconds(duration: int, free: int, price: int, covered: int) -> None:
+    assert cost_with_free_micro(PACKAGED, duration, free) == (price, covered)
+
+
+@given(sell_rates, st.integers(0, 20_000), st.integers(0, 20_000), st.integers(0, 20_000))
+def test_free_seconds_never_raise_a_price_and_more_never_cost_more(rate: SellRate, duration: int, free: int,
+                                                                  more: int) -> None:
+    price, covered = cost_with_free_micro(rate, duration, free)
+    assert covered <= min(free, billable_s(rate, duration))
+    assert price <= cost_micro(rate, duration)
+    assert cost_with_free_micro(rate, duration, free + more)[0] <= price
