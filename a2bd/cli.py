@@ -92,7 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--invoice-day", type=int, default=1)
     p.add_argument("--vat", default="0", help="VAT rate in percent, e.g. 20 or 7.7")
     p.add_argument("--low-credit", default="0", help="low-credit notice threshold")
-    for name in ("name", "company", "address", "email", "language", "vat-number"):
+    p.add_argument("--tax-mode", choices=("invoice", "payment"), default="invoice",
+                   help="taxed on its invoices (post-paid style) or at each payment (pre-paid)")
+    p.add_argument("--no-invoices", action="store_true", help="never close its previews into invoices")
+    p.add_argument("--autorefill", action="store_true", help="top up to the initial balance at each invoice day")
+    p.add_argument("--expiry", choices=("none", "date", "after_first_use", "after_creation"), default=None,
+                   help="A2Billing's expiry modes: a date (--expires), N days (--expiry-days) after first use "
+                        "or after creation")
+    p.add_argument("--expiry-days", type=int, default=0)
+    for name in ("name", "last-name", "company", "address", "email", "language", "vat-number"):
         p.add_argument(f"--{name}", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_account_add)
@@ -137,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("destination")
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_explain)
+
+    from a2bd import cli_billing
+
+    cli_billing.add_commands(sub)
     return parser
 
 
@@ -213,7 +225,11 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
     if args.deny or args.allow:
         fields["restrict_mode"] = "deny" if args.deny else "allow"
         fields["restrict_prefixes"] = _prefixes(args.deny or args.allow)
-    for name in ("name", "company", "address", "email", "language", "vat_number"):
+    fields.update(tax_mode=args.tax_mode, invoices_enabled=not args.no_invoices, autorefill=args.autorefill)
+    if args.expiry or args.expires:
+        fields["expiry_mode"] = args.expiry or "date"
+        fields["expiry_days"] = args.expiry_days
+    for name in ("name", "last_name", "company", "address", "email", "language", "vat_number"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     balance = _money(args.balance, field="--balance")

@@ -78,6 +78,12 @@ class Daemon:
             await self.lifecycle.start()
         else:
             log.warning("no [[asterisk]] server configured: calls are authorized but not followed, rated or guarded")
+        if s.billing.scheduler_interval_s:
+            from a2bd.services.scheduler import BillingScheduler
+
+            if self.pool is None:
+                self.pool = await postgres.create_pool(s.postgres.url, 1, 2)
+            self._spawn(BillingScheduler(self.pool, self.store, s).run(self.stop), "billing-scheduler")
         self._spawn(tariffs.follow(self.stop), "tariff-follower")
         self._spawn(self._watch_redis(), "redis-watch")
         self._spawn(providers.follow(self.stop), "provider-follower")

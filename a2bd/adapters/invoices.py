@@ -12,7 +12,6 @@ the first of the month needs; one account that cannot close is reported, not fat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -382,6 +381,35 @@ async def schedule_new_accounts(conn: asyncpg.Connection) -> int:
     return len(rows)
 
 
-def detail(record: asyncpg.Record) -> dict[str, Any]:
-    value = record["detail"]
-    return json.loads(value) if isinstance(value, str) else dict(value)
+ISSUER_COLUMNS = ("invoice_prefix", "mode", "name", "company", "address", "vat_number", "email")
+
+
+async def set_issuer(conn: asyncpg.Connection, reseller_id: int | None, changes: dict[str, str]) -> asyncpg.Record:
+    """Create or change the issuer of a reseller (None: the admin). A new reseller issuer needs a prefix."""
+    unknown = set(changes) - set(ISSUER_COLUMNS)
+    if unknown:
+        raise InputError(f"unknown issuer field(s): {', '.join(sorted(unknown))}")
+    try:
+        async with conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM issuers WHERE reseller_id IS NOT DISTINCT FROM $1 FOR UPDATE",
+                                      reseller_id)
+            if row is None:
+                if "invoice_prefix" not in changes:
+                    raise InputError("a new issuer needs its own invoice number prefix (--prefix)")
+                values = {"name": changes.get("name") or changes["invoice_prefix"], **changes,
+                          "reseller_id": reseller_id}
+                names = list(values)
+                row = await conn.fetchrow(
+                    f"INSERT INTO issuers ({', '.join(names)}) VALUES"  # noqa: S608 - names are ISSUER_COLUMNS
+                    f" ({', '.join(f'${i + 1}' for i in range(len(names)))}) RETURNING *", *values.values())
+            elif changes:
+                names = list(changes)
+                row = await conn.fetchrow(
+                    f"UPDATE issuers SET {', '.join(f'{n} = ${i + 2}' for i, n in enumerate(names))}"  # noqa: S608
+                    " WHERE id = $1 RETURNING *", row["id"], *changes.values())
+    except asyncpg.UniqueViolationError as exc:
+        raise InputError(f"issuer refused: {exc.detail or exc.message} (prefixes are unique)") from None
+    except asyncpg.CheckViolationError as exc:
+        raise InputError(f"issuer refused: {exc.constraint_name}") from None
+    assert row is not None
+    return row

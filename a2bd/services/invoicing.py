@@ -164,7 +164,8 @@ def _parties(acct: asyncpg.Record) -> tuple[Party, Party]:
 
 def _document(
     acct: asyncpg.Record, lines: Sequence[asyncpg.Record], *, status: str, number: str | None, issued_on: date,
-    period_start: datetime, period_end: datetime, opening_micro: int, taxes: Sequence[TaxRow],
+    period_start: datetime, period_end: datetime, opening_micro: int, taxes: Sequence[TaxRow], timezone: str,
+    currency: str,
 ) -> InvoiceDocument:
     """Group a period's lines the way a statement reads: calls per destination, other charges by kind,
     payments; the invoice's own tax lines are its tax rows, not lines."""
@@ -199,8 +200,8 @@ def _document(
     issuer, customer = _parties(acct)
     return InvoiceDocument(
         issuer=issuer, customer=customer, account_number=acct["number"], status=status, number=number,
-        issued_on=issued_on, period_start=period_start, period_end=period_end, timezone=acct["timezone"],
-        currency=acct["currency"], opening_micro=opening_micro, calls=call_rows, call_lines_total_micro=call_total,
+        issued_on=issued_on, period_start=period_start, period_end=period_end, timezone=timezone,
+        currency=currency, opening_micro=opening_micro, calls=call_rows, call_lines_total_micro=call_total,
         groups=group_rows, payments=tuple(payments), payments_total_micro=paid, taxes=tuple(taxes), net_micro=net,
         tax_micro=tax, gross_micro=net + tax, closing_micro=opening_micro + paid - net - tax,
     )
@@ -218,6 +219,8 @@ async def invoice_document(conn: asyncpg.Connection, invoice_id: int) -> Invoice
     inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1", invoice_id)
     if inv is None:
         raise InputError(f"invoice {invoice_id} does not exist")
+    if inv["status"] == "discarded":
+        raise InputError(f"invoice {invoice_id} was discarded: its lines are in the preview")
     acct = await conn.fetchrow(_ACCOUNT.format(key="id"), inv["account_id"])
     lines = await conn.fetch(_STATEMENT_LINES, inv["account_id"], inv["from_line_id"], inv["through_line_id"],
                              invoice_id)
@@ -228,7 +231,7 @@ async def invoice_document(conn: asyncpg.Connection, invoice_id: int) -> Invoice
     status = "confirmed" if inv["status"] == "confirmed" else "draft"
     return _document(acct, lines, status=status, number=inv["number"], issued_on=issued,
                      period_start=inv["period_start"], period_end=inv["period_end"],
-                     opening_micro=inv["opening_micro"],
+                     opening_micro=inv["opening_micro"], timezone=inv["timezone"], currency=inv["currency"],
                      taxes=_tax_rows([(t["tax_class"], t["rate_ppm"], t["net_micro"], t["tax_micro"]) for t in taxes]))
 
 
@@ -257,7 +260,7 @@ async def preview(conn: asyncpg.Connection, number: str, now: datetime) -> Invoi
     start = acct["period_start"] or acct["created_at"]
     return _document(acct, lines, status="preview", number=None, issued_on=now.astimezone(ZoneInfo(acct["timezone"]))
                      .date(), period_start=start, period_end=max(now, start), opening_micro=opening,
-                     taxes=_tax_rows(taxes))
+                     taxes=_tax_rows(taxes), timezone=acct["timezone"], currency=acct["currency"])
 
 
 def _collected(lines: Sequence[asyncpg.Record]) -> list[tuple[str, int, int, int]]:

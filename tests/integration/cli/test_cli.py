@@ -18,12 +18,6 @@ pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample_tariff.csv"
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch: pytest.MonkeyPatch, pg_url: str, redis_url: str) -> None:
-    monkeypatch.setenv("A2BD_PG_URL", pg_url)
-    monkeypatch.setenv("A2BD_REDIS_URL", redis_url)
-
-
 async def a2bd(*argv: str) -> int:
     """Run the CLI as a user would; it owns its event loop, so it runs in a thread."""
     return await asyncio.to_thread(main, list(argv))
