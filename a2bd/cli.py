@@ -111,6 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="")
     p.set_defaults(command=cmd_account_pay)
 
+    p = account.add_parser("set", help="change an account's settings (its balance changes only by posting)")
+    p.add_argument("number")
+    p.add_argument("--status", choices=("active", "blocked", "closed"))
+    p.add_argument("--credit-limit")
+    p.add_argument("--max-calls", type=int)
+    p.add_argument("--timezone")
+    p.add_argument("--invoice-day", type=int)
+    p.add_argument("--vat", help="VAT rate in percent")
+    p.add_argument("--tax-mode", choices=("invoice", "payment"))
+    p.add_argument("--invoices", choices=("on", "off"), help="off: never close its previews into invoices")
+    p.add_argument("--autorefill", choices=("on", "off"))
+    p.add_argument("--expiry", choices=("none", "date", "after_first_use", "after_creation"))
+    p.add_argument("--expiry-days", type=int)
+    p.add_argument("--expires", help="expiry date (with --expiry date)")
+    p.add_argument("--low-credit", help="low-credit notice threshold")
+    for name in ("name", "last-name", "company", "address", "email", "language", "vat-number"):
+        p.add_argument(f"--{name}", default=None)
+    p.set_defaults(command=cmd_account_set)
+
     p = account.add_parser("show", help="an account, its balance, available credit and live calls")
     p.add_argument("number")
     p.add_argument("--json", action="store_true")
@@ -247,6 +266,38 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(_account_json(record, {}), indent=2))
     else:
         print(record["number"])
+    return 0
+
+
+async def cmd_account_set(args: argparse.Namespace, settings: Settings) -> int:
+    changes: dict[str, Any] = {}
+    for name in ("status", "max_calls", "invoice_day", "tax_mode", "expiry_days", "name", "last_name", "company",
+                 "address", "email", "language", "vat_number"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.credit_limit is not None:
+        changes["credit_limit_micro"] = _money(args.credit_limit, field="--credit-limit")
+    if args.low_credit is not None:
+        changes["low_credit_threshold_micro"] = _money(args.low_credit, field="--low-credit")
+    if args.timezone is not None:
+        changes["timezone"] = _timezone(args.timezone)
+    if args.vat is not None:
+        changes["vat_rate_ppm"] = _money(args.vat, field="--vat") // 100
+    if args.invoices is not None:
+        changes["invoices_enabled"] = args.invoices == "on"
+    if args.autorefill is not None:
+        changes["autorefill"] = args.autorefill == "on"
+    if args.expiry is not None:
+        changes["expiry_mode"] = args.expiry
+    if args.expires is not None:
+        changes["expires_at"] = _datetime(args.expires)
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        record = await postgres.update_account(conn, args.number, changes)
+    finally:
+        await conn.close()
+    await _push_accounts(settings, [dict(record)])
+    print(f"account {args.number}: {', '.join(sorted(changes))} changed")
     return 0
 
 

@@ -274,6 +274,32 @@ async def fetch_account(
     return row
 
 
+SETTABLE_FIELDS = tuple(f for f in ACCOUNT_FIELDS if f not in ("number", "tariff_id", "reseller_id"))
+
+
+async def update_account(conn: asyncpg.Connection, number: str, changes: dict[str, Any]) -> asyncpg.Record:
+    """Change an account's settings (never its balance: that is the ledger's). A new invoice day or time
+    zone moves its next close (recomputed by the scheduler from the start of its open period)."""
+    unknown = set(changes) - set(SETTABLE_FIELDS)
+    if unknown:
+        raise InputError(f"unknown or fixed account field(s): {', '.join(sorted(unknown))}")
+    if not changes:
+        raise InputError("nothing to change")
+    names = list(changes)
+    reschedule = ", next_close_at = NULL" if {"invoice_day", "timezone"} & set(changes) else ""
+    try:
+        account_id = await conn.fetchval(
+            f"UPDATE accounts SET {', '.join(f'{n} = ${i + 2}' for i, n in enumerate(names))}{reschedule}"  # noqa: S608
+            " WHERE number = $1 RETURNING id", number, *changes.values())
+    except asyncpg.CheckViolationError as exc:
+        raise InputError(f"account refused: {exc.constraint_name} ({exc.detail or exc.message})") from None
+    if account_id is None:
+        raise InputError(f"account {number} does not exist")
+    record = await fetch_account(conn, number, account_id=account_id)
+    assert record is not None
+    return record
+
+
 async def all_accounts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
     return list(await conn.fetch(_ACCOUNT_SELECT + " ORDER BY a.id"))
 

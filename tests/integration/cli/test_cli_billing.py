@@ -104,3 +104,21 @@ async def test_services_packages_and_a_scheduler_pass_that_mails_the_invoice(
     assert await a2bd("service", "cancel", "1") == 0
     assert await pg.fetchval("SELECT status FROM services") == "cancelled"
     assert await a2bd("service", "resume", "1") == 1  # only a suspended service resumes
+
+
+async def test_account_set_moves_the_invoice_day_and_the_invoice_switch(pg: asyncpg.Connection, store: RedisStore,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    number = await new_account(capsys)
+    await pg.execute("UPDATE accounts SET next_close_at = '2030-01-01T00:00Z'")
+    assert await a2bd("account", "set", number, "--invoice-day", "15", "--timezone", "Pacific/Auckland",
+                      "--invoices", "off", "--tax-mode", "payment", "--email", "ada@example.net") == 0
+    row = await pg.fetchrow("SELECT * FROM accounts WHERE number = $1", number)
+    assert (row["invoice_day"], row["timezone"], row["invoices_enabled"], row["tax_mode"]) == (
+        15, "Pacific/Auckland", False, "payment")
+    assert row["next_close_at"] is None  # recomputed by the scheduler from the open period's start
+    assert await a2bd("account", "set", number, "--invoice-day", "31") == 1
+    assert "invoice_day" in capsys.readouterr().err
+    assert await a2bd("account", "set", "99999999", "--invoices", "on") == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = $1", number) == 20_000_000
