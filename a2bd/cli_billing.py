@@ -152,10 +152,13 @@ async def cmd_invoice_close(args: argparse.Namespace, settings: Settings) -> int
 
 
 async def cmd_invoice_confirm(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.adapters.pdf import render_invoice
+
     conn = await postgres.connect(settings.postgres.url)
     store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
     try:
         number = await invoicing.confirm(conn, store, args.invoice_id, datetime.now(UTC))
+        await invoicing.store_document(conn, args.invoice_id, render_invoice)  # the outbox mails it next pass
     finally:
         await conn.close()
         await store.close()
@@ -183,8 +186,10 @@ async def cmd_invoice_pdf(args: argparse.Namespace, settings: Settings) -> int:
             invoice_id = int(args.invoice)
         else:
             invoice_id = await invoicing.invoice_id_by_number(conn, args.invoice)
-        pdf = await conn.fetchval("SELECT pdf FROM invoice_documents WHERE invoice_id = $1", invoice_id)
-        if pdf is None:
+        status = await conn.fetchval("SELECT status FROM invoices WHERE id = $1", invoice_id)
+        if status == "confirmed":
+            pdf = await invoicing.store_document(conn, invoice_id, render_invoice)
+        else:  # a draft's, marked as such; not kept
             pdf = render_invoice(await invoicing.invoice_document(conn, invoice_id))
     finally:
         await conn.close()

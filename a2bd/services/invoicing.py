@@ -282,11 +282,24 @@ async def store_documents(conn: asyncpg.Connection, render: Callable[[InvoiceDoc
         " AND NOT EXISTS (SELECT 1 FROM invoice_documents d WHERE d.invoice_id = i.id) ORDER BY i.id LIMIT $1",
         limit)]
     for invoice_id in ids:
-        pdf = render(await invoice_document(conn, invoice_id))
-        await conn.execute(
-            "INSERT INTO invoice_documents (invoice_id, pdf, sha256) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            invoice_id, pdf, hashlib.sha256(pdf).hexdigest())
+        await store_document(conn, invoice_id, render)
     return len(ids)
+
+
+async def store_document(conn: asyncpg.Connection, invoice_id: int,
+                         render: Callable[[InvoiceDocument], bytes]) -> bytes:
+    """The PDF of a confirmed invoice: rendered once, then always the stored bytes."""
+    stored: bytes | None = await conn.fetchval("SELECT pdf FROM invoice_documents WHERE invoice_id = $1", invoice_id)
+    if stored is not None:
+        return stored
+    doc = await invoice_document(conn, invoice_id)
+    if doc.status != "confirmed":
+        raise InputError(f"invoice {invoice_id} is a draft: confirm it before it gets its document")
+    pdf = render(doc)
+    await conn.execute(
+        "INSERT INTO invoice_documents (invoice_id, pdf, sha256) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        invoice_id, pdf, hashlib.sha256(pdf).hexdigest())
+    return pdf
 
 
 async def invoice_id_by_number(conn: asyncpg.Connection, number: str) -> int:

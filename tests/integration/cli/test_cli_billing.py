@@ -64,6 +64,7 @@ async def test_draft_issuer_confirm_and_discard(pg: asyncpg.Connection, store: R
     capsys.readouterr()
     assert await a2bd("invoice", "confirm", str(second)) == 0
     assert capsys.readouterr().out.strip() == "F2026-000001"
+    assert await pg.fetchval("SELECT count(*) FROM invoice_documents WHERE invoice_id = $1", second) == 1
 
     assert await a2bd("issuer", "set", "--reseller", "nobody", "--prefix", "X-") == 1
     assert "reseller nobody does not exist" in capsys.readouterr().err
