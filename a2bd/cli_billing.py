@@ -55,6 +55,29 @@ def add_commands(sub: Any) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.set_defaults(command=cmd_invoice_pdf)
 
+    p = invoice.add_parser("search", help="invoices by account, last name, number (prefix with *), period end")
+    p.add_argument("--account")
+    p.add_argument("--last-name")
+    p.add_argument("--number", help="an invoice number, or a prefix ending in * (quote it)")
+    p.add_argument("--since", help="period ending at or after this (ISO date or date-time, UTC by default)")
+    p.add_argument("--until", help="period ending before this")
+    p.add_argument("--status", choices=("confirmed", "draft", "discarded", "all"), default="confirmed")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.set_defaults(command=cmd_invoice_search)
+
+    report = _Subparsers(sub.add_parser("report", help="reports for billing staff").add_subparsers(
+        required=True, metavar="ACTION"), sub.common)
+    p = report.add_parser("charges", help="the charge history: ledger lines of accounts, with their invoice")
+    p.add_argument("--account")
+    p.add_argument("--last-name", help="accounts whose last name starts with this (any case)")
+    p.add_argument("--kind", action="append", help="only these kinds of line (repeatable)")
+    p.add_argument("--since", help="lines at or after this (ISO date or date-time, UTC by default)")
+    p.add_argument("--until", help="lines before this")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--format", choices=("csv", "json"), default="csv")
+    p.set_defaults(command=cmd_report_charges)
+
     issuer = _Subparsers(sub.add_parser("issuer", help="who issues invoices: the admin, each reseller")
                          .add_subparsers(required=True, metavar="ACTION"), sub.common)
     p = issuer.add_parser("set", help="create or change an issuer (its numbering prefix, draft or confirm mode)")
@@ -195,6 +218,47 @@ async def cmd_invoice_pdf(args: argparse.Namespace, settings: Settings) -> int:
         await conn.close()
     args.output.write_bytes(pdf)
     print(f"{args.output} ({len(pdf)} bytes)")
+    return 0
+
+
+def _when(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"{option}: {text!r} is not an ISO date or date-time") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+async def cmd_invoice_search(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.reports import InvoiceQuery, InvoiceRow, search_invoices, to_json, write_csv
+
+    query = InvoiceQuery(account_number=args.account, last_name=args.last_name, number=args.number,
+                         since=_when(args.since, "--since"), until=_when(args.until, "--until"), status=args.status,
+                         limit=args.limit)
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        rows = await search_invoices(conn, query)
+    finally:
+        await conn.close()
+    if args.format == "json":
+        print(to_json(rows, indent=2))
+    else:
+        write_csv(rows, sys.stdout, InvoiceRow)
+    return 0
+
+
+async def cmd_report_charges(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.services.reports import ChargeQuery, ChargeRow, charge_batches, write_report
+
+    query = ChargeQuery(account_number=args.account, last_name=args.last_name, kinds=tuple(args.kind or ()),
+                        since=_when(args.since, "--since"), until=_when(args.until, "--until"), limit=args.limit)
+    conn = await postgres.connect(settings.postgres.url)
+    try:
+        await write_report(charge_batches(conn, query), sys.stdout, ChargeRow, args.format)  # streamed
+    finally:
+        await conn.close()
     return 0
 
 

@@ -3,6 +3,8 @@ the scheduler; against the real PostgreSQL, Redis and an SMTP server on loopback
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -123,3 +125,27 @@ async def test_account_set_moves_the_invoice_day_and_the_invoice_switch(pg: asyn
     assert await a2bd("account", "set", "99999999", "--invoices", "on") == 1
     assert "does not exist" in capsys.readouterr().err
     assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = $1", number) == 20_000_000
+
+
+async def test_charge_report_and_invoice_search_as_csv_and_json(pg: asyncpg.Connection, store: RedisStore,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    await setup_tariff(capsys)
+    number = await new_account(capsys)
+    assert await a2bd("account", "pay", number, "-1.234567", "--kind", "charge") == 0
+    assert await a2bd("invoice", "close", "--account", number) == 0
+    capsys.readouterr()
+
+    assert await a2bd("report", "charges", "--account", number, "--kind", "charge") == 0
+    [row] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert (row["amount"], row["invoice_number"], row["last_name"]) == ("-1.234567", "INV-000001", "Lovelace")
+
+    assert await a2bd("invoice", "search", "--last-name", "love", "--format", "json") == 0
+    [found] = json.loads(capsys.readouterr().out)
+    assert found["number"] == "INV-000001" and found["tax"] == "0.25"  # 20 % of 1.234567, to the cent
+
+    assert await a2bd("invoice", "search", "--number", "INV-*", "--since", "2020-01-01") == 0
+    assert "INV-000001" in capsys.readouterr().out
+    assert await a2bd("report", "charges", "--since", "2030-01-01", "--until", "2020-01-01") == 1
+    assert "since" in capsys.readouterr().err
+    assert await a2bd("report", "charges", "--since", "yesterday") == 1
+    assert "ISO date" in capsys.readouterr().err
