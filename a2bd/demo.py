@@ -3,8 +3,9 @@
 It creates a scratch database `a2bd_demo`, applies the schema, adds two carriers, imports the sample
 rate card, creates accounts of every kind, starts a simulated Asterisk (AMI) and the daemon on free ports,
 and plays calls as Asterisk would: one of each kind, 50 at once on a small credit, calls followed over AMI
-to their ledger lines, three calls on one small credit cut together by the credit guard, and a burst of
-FastAGI authorizations. Everything it created is dropped at the end.
+to their ledger lines, three calls on one small credit cut together by the credit guard, a burst of
+FastAGI authorizations, then a payment and every account's preview closed into an invoice, one rendered to
+PDF. Everything it created in the servers is dropped at the end; the PDF stays in .a2bd-dev/.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import collections
 import itertools
 import statistics
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -43,6 +45,7 @@ from a2bd.sim.ami import CallSpec, SimAsterisk
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_tariff.csv"
 DB = "a2bd_demo"
 REDIS_DB = 13
+DEMO_PDF = Path(".a2bd-dev") / "demo-invoice.pdf"  # kept after the demo, to open
 ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
     # number, what it is, create_account fields
     ("2000000001", "pre-paid, 10.00", dict(initial_balance_micro=10_000_000, max_calls=20)),
@@ -197,6 +200,37 @@ async def show_accounts(pg_url: str) -> None:
               f"limit {format_amount(r['credit_limit_micro']):>6}  {labels[r['number']]}")
 
 
+async def invoices(pg_url: str, redis_url: str) -> None:
+    """A payment, then every preview closed into an invoice, one of them rendered to PDF."""
+    from a2bd.adapters.pdf import render_invoice
+    from a2bd.adapters.redis_store import RedisStore
+    from a2bd.services import invoicing
+    from a2bd.services.posting import post_to_account
+
+    conn = await asyncpg.connect(pg_url)
+    store = RedisStore.from_url(redis_url, 2.0)
+    try:
+        await post_to_account(conn, store, "2000000003", "payment", 5_000_000, "bank transfer")
+        await conn.execute("UPDATE accounts SET vat_rate_ppm = 200000")
+        report = await invoicing.close_accounts(conn, store, [n for n, _, _ in ACCOUNTS], datetime.now(UTC))
+        print(f"\n== invoices: every preview closed by an admin ({report.closed} issued, VAT 20 %) ==")
+        rows = await conn.fetch("SELECT i.*, a.number AS account FROM invoices i JOIN accounts a ON a.id = i.account_id"
+                                " ORDER BY i.id")
+        for r in rows:
+            due = max(0, -r["closing_micro"])
+            print(f"  {r['number']}  account {r['account']}  {r['line_count']:>3} lines  net "
+                  f"{format_amount(r['net_micro']):>6}  tax {format_amount(r['tax_micro']):>5}  closing "
+                  f"{format_amount(r['closing_micro']):>7}  {'to pay ' + format_amount(due) if due else 'in credit'}")
+        post_paid = next(r for r in rows if r["account"] == "2000000003")
+        pdf = await invoicing.store_document(conn, post_paid["id"], render_invoice)
+        DEMO_PDF.parent.mkdir(exist_ok=True)
+        DEMO_PDF.write_bytes(pdf)
+        print(f"  {post_paid['number']} rendered to {DEMO_PDF} ({len(pdf):,} bytes)")
+    finally:
+        await conn.close()
+        await store.close()
+
+
 async def main() -> None:
     configure_logging("warning")
     servers = find_servers()
@@ -225,6 +259,7 @@ async def main() -> None:
         await lifecycle(sim, pg_url)
         await burst(daemon.agi.port)
         await show_accounts(pg_url)
+        await invoices(pg_url, redis_url)
     finally:
         await daemon.close(grace_s=2)
         await sim.close()
@@ -236,7 +271,7 @@ async def main() -> None:
             client = aioredis.Redis.from_url(redis_url)
             await client.flushdb()
             await client.aclose()
-    print("\ndone: the demo database and Redis db were dropped.")
+    print(f"\ndone: the demo database and Redis db were dropped; the invoice PDF stays in {DEMO_PDF}.")
 
 
 if __name__ == "__main__":

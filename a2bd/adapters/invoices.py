@@ -74,15 +74,20 @@ SELECT r.id, (SELECT max(l.id) FROM ledger l
 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS r(id, after, until)
 """
 
+# Summed per account, kind and own class first; the classes' rates are joined to those few groups.
 _PERIOD_GROUPS = """
-SELECT l.account_id, l.kind, coalesce(l.tax_class, k.tax_class) AS tax_class, c.rate_ppm AS class_rate,
-       l.tax_rate_ppm, sum(l.amount_micro)::bigint AS amount, sum(l.tax_base_micro)::bigint AS tax_base,
-       count(*)::integer AS n
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(id, after, through)
-JOIN ledger l ON l.account_id = r.id AND l.id > r.after AND l.id <= r.through AND l.invoice_id IS NULL
-LEFT JOIN kind_tax_classes k ON k.kind = l.kind
-LEFT JOIN tax_classes c ON c.name = coalesce(l.tax_class, k.tax_class)
-GROUP BY 1, 2, 3, 4, 5
+WITH g AS (
+    SELECT l.account_id, l.kind, l.tax_class, l.tax_rate_ppm, sum(l.amount_micro)::bigint AS amount,
+           sum(l.tax_base_micro)::bigint AS tax_base, count(*)::integer AS n
+    FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(id, after, through)
+    JOIN ledger l ON l.account_id = r.id AND l.id > r.after AND l.id <= r.through AND l.invoice_id IS NULL
+    GROUP BY 1, 2, 3, 4
+)
+SELECT g.account_id, g.kind, coalesce(g.tax_class, k.tax_class) AS tax_class, c.rate_ppm AS class_rate,
+       g.tax_rate_ppm, g.amount, g.tax_base, g.n
+FROM g
+LEFT JOIN kind_tax_classes k ON k.kind = g.kind
+LEFT JOIN tax_classes c ON c.name = coalesce(g.tax_class, k.tax_class)
 """
 
 _INSERT_INVOICES = """
