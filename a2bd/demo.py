@@ -201,17 +201,32 @@ async def show_accounts(pg_url: str) -> None:
 
 
 async def invoices(pg_url: str, redis_url: str) -> None:
-    """A payment, then every preview closed into an invoice, one of them rendered to PDF."""
+    """A DID, a trunk channel, a fee and a payment, then every preview closed into an invoice (20 % VAT), the
+    post-paid account's rendered to PDF."""
+    from a2bd.adapters import invoices as invoices_repo
     from a2bd.adapters.pdf import render_invoice
     from a2bd.adapters.redis_store import RedisStore
     from a2bd.services import invoicing
     from a2bd.services.posting import post_to_account
+    from a2bd.services.recurring import add_service
 
     conn = await asyncpg.connect(pg_url)
     store = RedisStore.from_url(redis_url, 2.0)
     try:
-        await post_to_account(conn, store, "2000000003", "payment", 5_000_000, "bank transfer")
+        await invoices_repo.set_issuer(conn, None, {
+            "name": "Example Telecom", "company": "Example Telecom SAS",
+            "address": "1 rue de la Paix\n75002 Paris\nFrance", "vat_number": "FR 12 345678901",
+            "email": "billing@example.net", "invoice_prefix": "ET-2026-"})
+        await conn.execute("UPDATE accounts SET vat_rate_ppm = 200000, name = 'Ada Lovelace',"
+                           " company = 'Analytical Engines Ltd', email = 'ada@example.net',"
+                           " address = '12 Quai de Conti\n75006 Paris' WHERE number = '2000000003'")
         await conn.execute("UPDATE accounts SET vat_rate_ppm = 200000")
+        await add_service(conn, store=store, account_number="2000000003", kind="did", name="DID 33184000000 rental",
+                          amount_micro=5_000_000, did="33184000000")
+        await add_service(conn, store=store, account_number="2000000003", kind="service", name="SIP trunk channel",
+                          amount_micro=10_000_000)
+        await post_to_account(conn, store, "2000000003", "charge", -2_500_000, "itemised call report")
+        await post_to_account(conn, store, "2000000003", "payment", 5_000_000, "bank transfer")
         report = await invoicing.close_accounts(conn, store, [n for n, _, _ in ACCOUNTS], datetime.now(UTC))
         print(f"\n== invoices: every preview closed by an admin ({report.closed} issued, VAT 20 %) ==")
         rows = await conn.fetch("SELECT i.*, a.number AS account FROM invoices i JOIN accounts a ON a.id = i.account_id"

@@ -106,7 +106,8 @@ def close_after(after: datetime, invoice_day: int, tz: ZoneInfo | str) -> dateti
 
 # -- a period's totals -------------------------------------------------------------------------------
 
-CREDIT_KINDS = frozenset({"payment", "refill", "initial"})  # money received, never taxed
+CREDIT_KINDS = frozenset({"payment", "refill"})  # money received, never taxed
+OPENING_KINDS = frozenset({"initial"})  # an account's opening balance: neither a charge nor a payment
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +124,7 @@ class PeriodLine:
 @dataclass(frozen=True, slots=True)
 class PeriodTotals:
     lines_micro: int  # sum of the period's lines
-    payments_micro: int  # money received (payments, refills, initial balance)
+    payments_micro: int  # money received (payments, refills)
     net_micro: int  # taxable charges, net (charges positive)
     taxes: tuple[TaxRow, ...]  # the tax this invoice charges (empty when taxed at payment)
     line_count: int

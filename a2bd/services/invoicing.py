@@ -20,7 +20,7 @@ import structlog
 from a2bd.adapters import invoices
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.domain.calls import destination_name
-from a2bd.domain.invoice import CREDIT_KINDS, PeriodLine, format_rate, period_totals
+from a2bd.domain.invoice import CREDIT_KINDS, OPENING_KINDS, PeriodLine, format_rate, period_totals
 from a2bd.domain.statement import CallSummary, InvoiceDocument, LineGroup, Party, StatementLine, TaxRow
 from a2bd.errors import InputError
 from a2bd.services.posting import tell_redis
@@ -172,10 +172,11 @@ def _document(
     calls: dict[str, list[int]] = {}
     groups: dict[str, list[StatementLine]] = {}
     payments: list[StatementLine] = []
-    collected_tax = 0
     for line in lines:
         kind = line["kind"]
-        if kind == "call":
+        if kind in OPENING_KINDS:  # the account's opening balance reads as carried forward
+            opening_micro += line["amount_micro"]
+        elif kind == "call":
             c = calls.setdefault(destination_name(line["description"] or line["destination"] or ""), [0, 0, 0])
             c[0] += 1
             c[1] += line["seconds"] or 0
@@ -183,7 +184,7 @@ def _document(
         elif kind in CREDIT_KINDS:
             payments.append(StatementLine(line["created_at"], kind, line["description"] or kind, line["amount_micro"]))
         elif kind == "tax":
-            collected_tax -= line["amount_micro"]
+            continue  # the tax rows say it
         else:
             groups.setdefault(kind, []).append(
                 StatementLine(line["created_at"], kind, line["description"] or kind, line["amount_micro"]))

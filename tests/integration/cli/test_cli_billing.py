@@ -34,7 +34,7 @@ async def test_preview_close_and_pdf(pg: asyncpg.Connection, store: RedisStore, 
 
     assert await a2bd("invoice", "preview", number, "--json") == 0
     preview = json.loads(capsys.readouterr().out)
-    assert preview["status"] == "preview" and preview["carried_forward"] == "0.00"
+    assert preview["status"] == "preview" and preview["carried_forward"] == "20.00"  # the opening balance
     assert preview["tax"] == "0.50" and preview["closing_balance"] == "17.00"  # 20 - 2.50 - 0.50 estimated
 
     assert await a2bd("invoice", "close", "--account", number) == 0
