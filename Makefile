@@ -34,6 +34,8 @@ bench: install
 	$(PY) bench/agi_authorize.py
 	$(PY) bench/rating.py
 	$(PY) bench/guard.py
+	$(PY) bench/invoicing.py
+	$(PY) bench/pdf_render.py
 
 clean:
 	rm -rf $(VENV) .a2bd-dev .pytest_cache .mypy_cache .ruff_cache .hypothesis
