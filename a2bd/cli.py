@@ -373,7 +373,8 @@ async def cmd_account_pay(args: argparse.Namespace, settings: Settings) -> int:
         await conn.close()
         await store.close()
     balance = format_amount(line["balance_after_micro"])
-    print(f"account {args.number}: {args.kind} {format_amount(amount)}, balance {balance}")
+    taxed = " (VAT included: the balance takes its net part)" if line["kind"] == "tax" else ""
+    print(f"account {args.number}: {args.kind} {format_amount(amount)}, balance {balance}{taxed}")
     return 0
 
 

@@ -276,10 +276,10 @@ async def cmd_issuer_set(args: argparse.Namespace, settings: Settings) -> int:
             if reseller_id is None:
                 raise InputError(f"reseller {args.reseller} does not exist")
         row = await invoices.set_issuer(conn, reseller_id, changes)
+        upcoming = await invoices.next_invoice_number(conn, row["id"])
     finally:
         await conn.close()
-    print(f"issuer {row['name']!r}: prefix {row['invoice_prefix']!r}, {row['mode']} mode, "
-          f"next number {row['invoice_prefix']}{row['next_number']:06d}")
+    print(f"issuer {row['name']!r}: prefix {row['invoice_prefix']!r}, {row['mode']} mode, next number {upcoming}")
     return 0
 
 

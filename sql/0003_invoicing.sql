@@ -32,8 +32,7 @@ INSERT INTO kind_tax_classes (kind, tax_class) VALUES
     ('call', 'standard'), ('charge', 'standard'), ('correction', 'standard'), ('did', 'standard'),
     ('subscription', 'standard'), ('service', 'standard');
 
--- Whoever issues invoices: the admin (reseller_id NULL) and each reseller, each with its own prefix and its
--- own gapless sequence (next_number is taken under this row's lock in the closing transaction).
+-- Whoever issues invoices: the admin (reseller_id NULL) and each reseller, with the prefix its numbers carry now.
 CREATE TABLE issuers (
     id              serial PRIMARY KEY,
     reseller_id     integer UNIQUE REFERENCES resellers,
@@ -42,12 +41,22 @@ CREATE TABLE issuers (
     address         text NOT NULL DEFAULT '',
     vat_number      text NOT NULL DEFAULT '',
     email           text NOT NULL DEFAULT '',
-    invoice_prefix  text NOT NULL UNIQUE CHECK (invoice_prefix ~ '^[A-Za-z0-9/_.-]{0,20}$'),
-    next_number     bigint NOT NULL DEFAULT 1 CHECK (next_number >= 1),
+    invoice_prefix  text NOT NULL,
     mode            text NOT NULL DEFAULT 'confirm' CHECK (mode IN ('confirm', 'draft'))
 );
 CREATE UNIQUE INDEX issuers_one_admin ON issuers ((true)) WHERE reseller_id IS NULL;
+
+-- One gapless sequence per prefix, each prefix owned by one issuer for ever (a number is the prefix and six
+-- or more digits; a prefix ends with a non-digit, so a number tells its prefix and no two prefixes can
+-- make the same number). next_number is taken under this row's lock in the closing transaction.
+CREATE TABLE invoice_prefixes (
+    prefix       text PRIMARY KEY CHECK (prefix ~ '^([A-Za-z0-9/_.-]{0,19}[A-Za-z/_.-])?$'),
+    issuer_id    integer NOT NULL REFERENCES issuers,
+    next_number  bigint NOT NULL DEFAULT 1 CHECK (next_number >= 1)
+);
+ALTER TABLE issuers ADD FOREIGN KEY (invoice_prefix) REFERENCES invoice_prefixes DEFERRABLE INITIALLY DEFERRED;
 INSERT INTO issuers (reseller_id, name, invoice_prefix) VALUES (NULL, 'a2bd', 'INV-');
+INSERT INTO invoice_prefixes (prefix, issuer_id) SELECT 'INV-', id FROM issuers;
 
 ALTER TABLE accounts
     ADD COLUMN last_name             text NOT NULL DEFAULT '',
@@ -172,14 +181,15 @@ CREATE INDEX services_due ON services (next_charge_at) WHERE status = 'active';
 CREATE INDEX services_account ON services (account_id);
 CREATE UNIQUE INDEX services_did ON services (did) WHERE did IS NOT NULL AND status <> 'cancelled';
 
--- Packages of free minutes: seconds per billing period, reset when the account's period closes.
+-- Packages of free minutes: seconds per billing period, counted afresh in each of the account's periods.
 CREATE TABLE packages (
     id           bigserial PRIMARY KEY,
     account_id   bigint NOT NULL REFERENCES accounts,
     name         text NOT NULL CHECK (name <> ''),
     free_s       integer NOT NULL CHECK (free_s > 0),
     prefixes     text[] NOT NULL DEFAULT '{}',   -- destinations it covers (empty: all)
-    used_s       integer NOT NULL DEFAULT 0 CHECK (used_s >= 0),
+    used_s       integer NOT NULL DEFAULT 0 CHECK (used_s >= 0),  -- seconds used in period `period`
+    period       timestamptz,  -- the account's period used_s counts in (another: nothing used yet)
     active       boolean NOT NULL DEFAULT true,
     created_at   timestamptz NOT NULL DEFAULT now()
 );

@@ -20,9 +20,10 @@ from a2bd.devservers import Servers, find_servers
 
 CI = os.environ.get("CI", "").lower() == "true"
 TABLES = ("ledger", "account_callerids", "accounts", "rates", "tariffs", "providers", "resellers", "notices",
-          "invoice_documents", "invoice_taxes", "invoices", "services", "packages", "issuers")
-# What the migrations seed and the tables above lose: the admin issuer.
-SEED = "INSERT INTO issuers (reseller_id, name, invoice_prefix) VALUES (NULL, 'a2bd', 'INV-')"
+          "invoice_documents", "invoice_taxes", "invoices", "services", "packages", "invoice_prefixes", "issuers")
+# What the migrations seed and the tables above lose: the admin issuer and its prefix.
+SEED = ("INSERT INTO issuers (reseller_id, name, invoice_prefix) VALUES (NULL, 'a2bd', 'INV-');"
+        " INSERT INTO invoice_prefixes (prefix, issuer_id) SELECT 'INV-', id FROM issuers")
 
 
 def _missing(reason: str) -> None:

@@ -49,6 +49,21 @@ def invoice_number(prefix: str, seq: int) -> str:
     return f"{prefix}{seq:06d}"
 
 
+_TAKE_NUMBERS = """
+UPDATE invoice_prefixes p SET next_number = p.next_number + $2
+FROM issuers i WHERE i.id = $1 AND p.prefix = i.invoice_prefix
+RETURNING p.next_number - $2 AS first, p.prefix
+"""
+
+
+async def take_numbers(conn: asyncpg.Connection, issuer_id: int, count: int) -> tuple[int, str]:
+    """The first of `count` consecutive numbers of the issuer's current prefix, and the prefix, taken under
+    the prefix row's lock until the caller's transaction ends (a rollback gives them back: no gap)."""
+    row = await conn.fetchrow(_TAKE_NUMBERS, issuer_id, count)
+    assert row is not None, "every issuer has its prefix's sequence (deferred foreign key)"
+    return int(row["first"]), str(row["prefix"])
+
+
 # The lock first, alone: a statement that waited for a lock re-reads the locked row but not what its
 # subqueries saw, so what depends on a concurrent close (its invoice) is read by the next statement.
 _LOCK = "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
@@ -57,7 +72,7 @@ _ACCOUNTS = """
 SELECT a.id, a.number, a.balance_micro, a.invoiced_through_id, coalesce(a.period_start, a.created_at) AS period_start,
        a.vat_rate_ppm, a.tax_mode, a.currency, a.timezone, a.invoice_day, a.next_close_at, a.email,
        a.autorefill, a.initial_balance_micro, a.invoices_enabled, a.reseller_id,
-       i.id AS issuer_id, i.mode AS issuer_mode, i.invoice_prefix,
+       i.id AS issuer_id, i.mode AS issuer_mode,
        (SELECT d.id FROM invoices d WHERE d.account_id = a.id AND d.status = 'draft') AS draft_id,
        coalesce((SELECT p.closing_micro FROM invoices p WHERE p.account_id = a.id AND p.status <> 'discarded'
                  ORDER BY p.id DESC LIMIT 1), 0) AS opening_micro
@@ -66,10 +81,16 @@ WHERE a.id = ANY($1::bigint[])
 ORDER BY a.id
 """
 
-# Each account's period: its open lines up to the newest one written before the period's end.
+# Each account's period: its open lines up to, not including, the first one dated at or after the period's
+# end. A line written late but dated inside the period (a call rated from the CDR table a minute after it
+# ended) then goes to the next preview, like any line written after the close, instead of taking a line
+# dated after the end (the next month's DID rental) into this invoice with it.
 _THROUGH = """
 SELECT r.id, (SELECT max(l.id) FROM ledger l
-              WHERE l.account_id = r.id AND l.id > r.after AND l.invoice_id IS NULL AND l.created_at < r.until)
+              WHERE l.account_id = r.id AND l.id > r.after AND l.invoice_id IS NULL
+                AND l.id < coalesce((SELECT min(x.id) FROM ledger x
+                                     WHERE x.account_id = r.id AND x.id > r.after AND x.invoice_id IS NULL
+                                       AND x.created_at >= r.until), 9223372036854775807))
        AS through
 FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS r(id, after, until)
 """
@@ -209,10 +230,9 @@ async def close_periods(
             if acct["issuer_mode"] == "confirm":
                 confirm_counts[acct["issuer_id"]] = confirm_counts.get(acct["issuer_id"], 0) + 1
         next_seq: dict[int, int] = {}
+        prefix_of: dict[int, str] = {}
         for issuer_id in sorted(confirm_counts):
-            next_seq[issuer_id] = await conn.fetchval(
-                "UPDATE issuers SET next_number = next_number + $2 WHERE id = $1 RETURNING next_number - $2",
-                issuer_id, confirm_counts[issuer_id])
+            next_seq[issuer_id], prefix_of[issuer_id] = await take_numbers(conn, issuer_id, confirm_counts[issuer_id])
 
         cols: dict[str, list[Any]] = {k: [] for k in (
             "account", "issuer", "status", "number", "seq", "start", "end", "from", "through", "opening",
@@ -227,7 +247,7 @@ async def close_periods(
             if confirm:
                 seq = next_seq[acct["issuer_id"]]
                 next_seq[acct["issuer_id"]] = seq + 1
-                number = invoice_number(acct["invoice_prefix"], seq)
+                number = invoice_number(prefix_of[acct["issuer_id"]], seq)
             tax = totals.tax_micro
             for key, value in (
                 ("account", acct["id"]), ("issuer", acct["issuer_id"]), ("status", "confirmed" if confirm else "draft"),
@@ -266,9 +286,11 @@ async def close_periods(
         for acct, _ in with_lines:
             short = acct["initial_balance_micro"] - balances[acct["id"]]
             if acct["autorefill"] and short > 0:
-                balances[acct["id"]] += short
-                new_lines.append((acct["id"], "refill", short, balances[acct["id"]],
-                                  "autorefill to the initial balance", None, None, None, None))
+                for x in postgres.credit_lines("refill", short, "autorefill to the initial balance",
+                                               tax_mode=acct["tax_mode"], vat_rate_ppm=acct["vat_rate_ppm"]):
+                    balances[acct["id"]] += x.amount_micro
+                    new_lines.append((acct["id"], x.kind, x.amount_micro, balances[acct["id"]], x.description,
+                                      x.tax_class, None, x.tax_rate_ppm, x.tax_base_micro))
         newest: dict[int, asyncpg.Record] = {}
         if new_lines:
             for row in await conn.fetch(_INSERT_LINES, *_columns(new_lines, 9)):
@@ -282,9 +304,6 @@ async def close_periods(
                 next_close = close_after(end, acct["invoice_day"], ZoneInfo(acct["timezone"]))
             marks.append((acct["id"], throughs[acct["id"]] if has else None, end if has else None, next_close))
         await conn.execute(_MOVE_MARKS, *_columns(marks, 4))
-        closed_ids = list(invoice_of)
-        await conn.execute("UPDATE packages SET used_s = 0 WHERE account_id = ANY($1::bigint[]) AND used_s <> 0",
-                           closed_ids)
         await _notify_issued(conn, [invoice_of[a["id"]] for a, _ in with_lines if a["issuer_mode"] == "confirm"])
         if newest:
             await postgres.note_low_credit(conn, list(newest))
@@ -325,10 +344,8 @@ async def confirm(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> C
         inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
         if inv["status"] != "draft":
             raise InputError(f"invoice {invoice_id} is {inv['status']}, not a draft")
-        issuer = await conn.fetchrow(
-            "UPDATE issuers SET next_number = next_number + 1 WHERE id = $1 RETURNING next_number - 1 AS seq,"
-            " invoice_prefix", inv["issuer_id"])
-        number = invoice_number(issuer["invoice_prefix"], issuer["seq"])
+        seq, prefix = await take_numbers(conn, inv["issuer_id"], 1)
+        number = invoice_number(prefix, seq)
         newest = None
         if inv["tax_micro"]:
             rows = await conn.fetch("SELECT * FROM invoice_taxes WHERE invoice_id = $1 ORDER BY tax_class, rate_ppm",
@@ -344,7 +361,7 @@ async def confirm(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> C
             written = await conn.fetch(_INSERT_LINES, *_columns(lines, 9))
             newest = written[-1] if written else None
         await conn.execute("UPDATE invoices SET status = 'confirmed', number = $2, seq = $3, confirmed_at = $4"
-                           " WHERE id = $1", invoice_id, number, issuer["seq"], now)
+                           " WHERE id = $1", invoice_id, number, seq, now)
         await _notify_issued(conn, [invoice_id])
     return Closed(invoice_id, account_id, acct["number"], "confirmed", number, inv["closing_micro"], newest)
 
@@ -365,11 +382,14 @@ async def discard(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> N
                            account_id, inv["from_line_id"], inv["period_start"])
 
 
-async def due_accounts(conn: asyncpg.Connection, now: datetime, limit: int) -> list[int]:
-    """Accounts whose invoice day has come (next_close_at passed), oldest first."""
-    return [r["id"] for r in await conn.fetch(
-        "SELECT id FROM accounts WHERE invoices_enabled AND next_close_at <= $1 ORDER BY next_close_at, id LIMIT $2",
-        now, limit)]
+async def due_accounts(conn: asyncpg.Connection, now: datetime, limit: int,
+                       after: tuple[datetime, int] | None = None) -> list[tuple[datetime, int]]:
+    """(next close, id) of accounts whose invoice day has come, in that order, after `after` (a page)."""
+    rows = await conn.fetch(
+        "SELECT next_close_at, id FROM accounts WHERE invoices_enabled AND next_close_at <= $1"
+        " AND ($3::timestamptz IS NULL OR (next_close_at, id) > ($3, $4)) ORDER BY next_close_at, id LIMIT $2",
+        now, limit, after[0] if after else None, after[1] if after else 0)
+    return [(r["next_close_at"], r["id"]) for r in rows]
 
 
 async def schedule_new_accounts(conn: asyncpg.Connection) -> int:
@@ -412,9 +432,23 @@ async def set_issuer(conn: asyncpg.Connection, reseller_id: int | None, changes:
                 row = await conn.fetchrow(
                     f"UPDATE issuers SET {', '.join(f'{n} = ${i + 2}' for i, n in enumerate(names))}"  # noqa: S608
                     " WHERE id = $1 RETURNING *", row["id"], *changes.values())
-    except asyncpg.UniqueViolationError as exc:
-        raise InputError(f"issuer refused: {exc.detail or exc.message} (prefixes are unique)") from None
+            assert row is not None
+            # A prefix is this issuer's for ever: a new one starts at 1, an old one of its own goes on.
+            owner = await conn.fetchval(
+                "INSERT INTO invoice_prefixes (prefix, issuer_id) VALUES ($1, $2)"
+                " ON CONFLICT (prefix) DO UPDATE SET prefix = EXCLUDED.prefix RETURNING issuer_id",
+                row["invoice_prefix"], row["id"])
+            if owner != row["id"]:
+                raise InputError(f"invoice prefix {row['invoice_prefix']!r} belongs to another issuer")
     except asyncpg.CheckViolationError as exc:
-        raise InputError(f"issuer refused: {exc.constraint_name}") from None
-    assert row is not None
+        raise InputError(f"issuer refused: {exc.constraint_name} (a prefix is up to 20 letters, digits or "
+                         "/_.- and ends with a non-digit, e.g. INV-2026-)") from None
     return row
+
+
+async def next_invoice_number(conn: asyncpg.Connection, issuer_id: int) -> str:
+    """What the issuer's next invoice will be numbered (for display; nothing is taken)."""
+    row = await conn.fetchrow("SELECT p.prefix, p.next_number FROM issuers i JOIN invoice_prefixes p"
+                              " ON p.prefix = i.invoice_prefix WHERE i.id = $1", issuer_id)
+    assert row is not None
+    return invoice_number(row["prefix"], row["next_number"])

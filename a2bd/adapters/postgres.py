@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from a2bd.domain.invoice import format_rate, tax_in_gross
 from a2bd.domain.rating import SellRate, cost_with_free_micro
 from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.errors import InputError, StoreUnavailable
@@ -285,6 +286,13 @@ async def update_account(conn: asyncpg.Connection, number: str, changes: dict[st
         raise InputError(f"unknown or fixed account field(s): {', '.join(sorted(unknown))}")
     if not changes:
         raise InputError("nothing to change")
+    if "tax_mode" in changes:
+        open_lines = await conn.fetchval(
+            "SELECT count(*) FROM accounts a JOIN ledger l ON l.account_id = a.id AND l.id > a.invoiced_through_id"
+            " AND l.invoice_id IS NULL WHERE a.number = $1 AND a.tax_mode <> $2", number, changes["tax_mode"])
+        if open_lines:
+            raise InputError(f"account {number} has {open_lines} line(s) since its last invoice, taxed as its "
+                             f"current mode: close its preview first (a2bd invoice close --account {number})")
     names = list(changes)
     reschedule = ", next_close_at = NULL" if {"invoice_day", "timezone"} & set(changes) else ""
     try:
@@ -406,6 +414,21 @@ class AccountLine:
     at: datetime | None = None
 
 
+def credit_lines(kind: str, amount_micro: int, description: str, *, tax_mode: str, vat_rate_ppm: int,
+                 **extra: Any) -> list[AccountLine]:
+    """The lines of money received (a payment, a refill) or given back (a negative one). An account taxed
+    at payment is credited only the net part: a tax line carries the tax contained in the gross amount,
+    rounded once to the cent (domain/invoice.py), and a refund gives that tax back the same way."""
+    lines = [AccountLine(kind, amount_micro, description, **extra)]
+    if kind in ("payment", "refill") and amount_micro and tax_mode == "payment" and vat_rate_ppm:
+        tax = tax_in_gross(amount_micro, vat_rate_ppm)
+        if tax:
+            what = f"VAT {format_rate(vat_rate_ppm)} included in the {kind}"
+            lines.append(AccountLine("tax", -tax, what if tax > 0 else what + " refunded", tax_class="standard",
+                                     tax_rate_ppm=vat_rate_ppm, tax_base_micro=amount_micro - tax))
+    return lines
+
+
 async def post_lines(conn: asyncpg.Connection, account_id: int, lines: Sequence[AccountLine]) -> list[asyncpg.Record]:
     """Append lines to one account in order, in the caller's transaction or one of their own, under the
     account's row lock (each states the balance after it). Returns the written lines."""
@@ -506,49 +529,84 @@ ORDER BY f.ord
 RETURNING id, call_id, balance_after_micro, provider_balance_after_micro, account_id
 """
 
+_PACKAGED = """
+SELECT 1 FROM packages p JOIN accounts a ON a.id = p.account_id
+WHERE a.number = ANY($1::text[]) AND p.active LIMIT 1
+"""
+# The batch's accounts, locked in id order as every writer and the invoice close lock them (then the
+# packages): the statement that writes the lines locks the same rows again, already held.
+_LOCK_ACCOUNTS = """
+SELECT id, number, coalesce(period_start, created_at) AS period_start, next_close_at FROM accounts
+WHERE number = ANY($1::text[]) ORDER BY id FOR UPDATE
+"""
+# Packages restricted to some destinations first: a call to France uses the France package before the
+# one that covers anything.
 _PACKAGES = """
-SELECT p.id, a.number, p.free_s - p.used_s AS left_s, p.prefixes
-FROM packages p JOIN accounts a ON a.id = p.account_id
-WHERE a.number = ANY($1::text[]) AND p.active AND p.used_s < p.free_s
-ORDER BY p.id
-FOR UPDATE OF p
+SELECT id, account_id, free_s, used_s, period, prefixes FROM packages
+WHERE account_id = ANY($1::bigint[]) AND active
+ORDER BY cardinality(prefixes) = 0, id
+FOR UPDATE
 """
 
 
+def _package_left(package: dict[str, Any], period: datetime) -> int:
+    """Seconds a package has left in `period`: all of them in a period it has not counted in yet, none for a
+    call of an older period written after the package moved on (that period's count is gone)."""
+    if package["period"] == period:
+        return max(int(package["free_s"]) - int(package["used_s"]), 0)
+    if package["period"] is None or package["period"] < period:
+        return int(package["free_s"])
+    return 0
+
+
 async def _use_packages(conn: asyncpg.Connection, batch: list[CallLine]) -> list[CallLine]:
-    """Free-minute packages are used first: re-price the batch's new calls of accounts that have seconds
-    left, in batch order, and count the seconds used, in the batch's transaction (so a call uses its
-    package once: a replayed call is not new, and a writer that loses a race rolls its counts back).
-    One indexed query when no account of the batch has a package."""
-    left: dict[str, list[list[Any]]] = {}
-    for row in await conn.fetch(_PACKAGES, list({x.account for x in batch if x.sell is not None})):
-        left.setdefault(row["number"], []).append([row["id"], row["left_s"], tuple(row["prefixes"])])
-    if not left:
+    """Free-minute packages are used first: re-price the batch's new calls of accounts that have a package,
+    in batch order, and count the seconds in the batch's transaction (a replayed call is not new; a writer
+    that loses a race rolls its counts back). A package counts per period of its account: a call belongs
+    to the period its line will be invoiced in (the next one when it ended after the account's next close),
+    and a package's count starts afresh in each period. Costs one unlocked indexed query per batch when no
+    account of the batch has a package."""
+    numbers = list({x.account for x in batch if x.sell is not None})
+    if not numbers or await conn.fetchval(_PACKAGED, numbers) is None:
         return batch
-    candidates = [x.call_id for x in batch if x.account in left]
+    accounts = {r["number"]: r for r in await conn.fetch(_LOCK_ACCOUNTS, list({x.account for x in batch}))}
+    packages: dict[int, list[dict[str, Any]]] = {}
+    for row in await conn.fetch(_PACKAGES, [a["id"] for a in accounts.values()]):
+        packages.setdefault(row["account_id"], []).append(dict(row))
+    candidates = [x.call_id for x in batch if x.account in accounts and accounts[x.account]["id"] in packages]
     written = {r["call_id"] for r in await conn.fetch(
         "SELECT call_id FROM ledger WHERE kind = 'call' AND call_id = ANY($1::text[])", candidates)}
-    used: dict[int, int] = {}
+    touched: dict[int, dict[str, Any]] = {}
     priced: list[CallLine] = []
     for line in batch:
-        packages = left.get(line.account)
-        if not packages or line.sell is None or line.call_id in written:
+        acct = accounts.get(line.account)
+        own = packages.get(acct["id"], []) if acct is not None else []
+        if not own or line.sell is None or line.call_id in written:
             priced.append(line)
             continue
-        matching = [p for p in packages if p[1] > 0 and (not p[2] or line.destination.startswith(p[2]))]
-        amount, covered = cost_with_free_micro(line.sell, line.seconds, sum(p[1] for p in matching))
+        assert acct is not None
+        ends_next = acct["next_close_at"] is not None and line.ended_at >= acct["next_close_at"]
+        period = acct["next_close_at"] if ends_next else acct["period_start"]
+        matching = [p for p in own if not p["prefixes"] or line.destination.startswith(tuple(p["prefixes"]))]
+        left = [_package_left(p, period) for p in matching]
+        amount, covered = cost_with_free_micro(line.sell, line.seconds, sum(left))
         if covered:
             line = replace(line, amount_micro=-amount, free_s=covered)
-            for package in matching:  # oldest package first
-                take = min(package[1], covered)
-                package[1] -= take
-                used[package[0]] = used.get(package[0], 0) + take
+            for package, available in zip(matching, left, strict=True):
+                take = min(available, covered)
+                if take == 0:
+                    continue
+                if package["period"] != period:
+                    package["period"], package["used_s"] = period, 0
+                package["used_s"] += take
+                touched[package["id"]] = package
                 covered -= take
         priced.append(line)
-    if used:
+    if touched:
         await conn.execute(
-            "UPDATE packages p SET used_s = p.used_s + u.s FROM unnest($1::bigint[], $2::integer[]) AS u(id, s)"
-            " WHERE p.id = u.id", list(used), list(used.values()))
+            "UPDATE packages p SET used_s = u.used, period = u.period"
+            " FROM unnest($1::bigint[], $2::integer[], $3::timestamptz[]) AS u(id, used, period) WHERE p.id = u.id",
+            list(touched), [p["used_s"] for p in touched.values()], [p["period"] for p in touched.values()])
     return priced
 
 

@@ -27,7 +27,8 @@ from a2bd.services.posting import tell_redis
 
 log = structlog.get_logger("a2bd.invoicing")
 
-BATCH_ACCOUNTS = 2000  # accounts closed per transaction by a run
+# Accounts closed per transaction: the close holds their rows' locks, which the call writer waits for.
+BATCH_ACCOUNTS = 500
 
 GROUP_TITLES = {
     "did": "DID numbers", "subscription": "Subscriptions", "service": "Services", "charge": "Charges",
@@ -74,7 +75,7 @@ async def close_accounts(conn: asyncpg.Connection, store: RedisStore | None, num
             report.errors[number] = "no such account"
     id_list = [ids[n] for n in numbers if n in ids]
     for start in range(0, len(id_list), BATCH_ACCOUNTS):
-        part = await invoices.close_periods(conn, id_list[start:start + BATCH_ACCOUNTS], until=now, now=now)
+        part = await _close_isolated(conn, id_list[start:start + BATCH_ACCOUNTS], until=now, now=now)
         await _after_commit(store, part)
         report.add(part)
     return report
@@ -107,20 +108,47 @@ async def filtered_accounts(conn: asyncpg.Connection, f: AccountFilter) -> list[
 async def close_due(conn: asyncpg.Connection, store: RedisStore | None, now: datetime,
                     batch: int = BATCH_ACCOUNTS) -> RunReport:
     """The scheduler's run: every account whose invoice day has begun in its time zone closes its period
-    at that day's local midnight. Safe to run from several daemons at once (the account lock decides)."""
+    at that day's local midnight. Safe to run from several daemons at once (the account lock decides).
+
+    Accounts are taken in (next close, id) order, each once per run: one that cannot close (a draft
+    waiting for review) is reported and the run goes on past it. A catch-up of several missed months
+    closes one month per run (the scheduler runs every minute)."""
     await invoices.schedule_new_accounts(conn)
     report = RunReport()
-    seen: set[int] = set()
+    after: tuple[datetime, int] | None = None
     while True:
-        due = [i for i in await invoices.due_accounts(conn, now, batch) if i not in seen]
+        due = await invoices.due_accounts(conn, now, batch, after=after)
         if not due:
             return report
-        seen.update(due)
-        part = await invoices.close_periods(conn, due, until=None, now=now, scheduled=True)
+        after = due[-1]
+        part = await _close_isolated(conn, [account_id for _, account_id in due], until=None, now=now,
+                                     scheduled=True)
         await _after_commit(store, part)
         report.add(part)
         for number, why in part.errors.items():
             log.warning("invoice not closed", account=number, reason=why)
+
+
+async def _close_isolated(conn: asyncpg.Connection, ids: list[int], *, until: datetime | None, now: datetime,
+                          scheduled: bool = False) -> invoices.CloseReport:
+    """Close a batch in one transaction; if PostgreSQL refuses it, close its accounts one by one, so that
+    one account that cannot close is reported and the others still are (beancount's loader)."""
+    try:
+        return await invoices.close_periods(conn, ids, until=until, now=now, scheduled=scheduled)
+    except asyncpg.PostgresError as exc:
+        if len(ids) == 1:
+            number = await conn.fetchval("SELECT number FROM accounts WHERE id = $1", ids[0])
+            failed = invoices.CloseReport()
+            failed.errors[number or str(ids[0])] = f"refused by PostgreSQL: {exc}"
+            log.error("invoice close refused", account=number, error=str(exc))
+            return failed
+    merged = invoices.CloseReport()
+    for account_id in ids:
+        part = await _close_isolated(conn, [account_id], until=until, now=now, scheduled=scheduled)
+        merged.closed += part.closed
+        merged.empty += part.empty
+        merged.errors.update(part.errors)
+    return merged
 
 
 async def confirm(conn: asyncpg.Connection, store: RedisStore | None, invoice_id: int, now: datetime) -> str:
@@ -276,14 +304,20 @@ def _collected(lines: Sequence[asyncpg.Record]) -> list[tuple[str, int, int, int
 
 
 async def store_documents(conn: asyncpg.Connection, render: Callable[[InvoiceDocument], bytes],
-                          limit: int = 1000) -> int:
-    """Render and keep the PDF of confirmed invoices that have none yet (made once; never re-rendered)."""
+                          limit: int = 1000, skip: set[int] | None = None) -> int:
+    """Render and keep the PDF of confirmed invoices that have none yet (made once; never re-rendered).
+    Invoices whose document fails are logged, added to `skip` and passed over; returns how many were tried."""
+    skip = set() if skip is None else skip
     ids = [r["id"] for r in await conn.fetch(
-        "SELECT i.id FROM invoices i WHERE i.status = 'confirmed'"
+        "SELECT i.id FROM invoices i WHERE i.status = 'confirmed' AND NOT (i.id = ANY($2::bigint[]))"
         " AND NOT EXISTS (SELECT 1 FROM invoice_documents d WHERE d.invoice_id = i.id) ORDER BY i.id LIMIT $1",
-        limit)]
+        limit, list(skip))]
     for invoice_id in ids:
-        await store_document(conn, invoice_id, render)
+        try:
+            await store_document(conn, invoice_id, render)
+        except Exception:  # one document that cannot be made must not hold back the others (nor their e-mail)
+            log.exception("invoice document not made; will try again next pass", invoice_id=invoice_id)
+            skip.add(invoice_id)
     return len(ids)
 
 

@@ -14,7 +14,6 @@ import structlog
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore, utc_day
-from a2bd.domain.invoice import format_rate, tax_in_gross
 from a2bd.errors import InputError, StoreUnavailable
 
 log = structlog.get_logger("a2bd.posting")
@@ -25,24 +24,18 @@ ACCOUNT_KINDS = ("payment", "refill", "charge", "correction")
 async def post_to_account(
     conn: asyncpg.Connection, store: RedisStore, number: str, kind: str, amount_micro: int, description: str = ""
 ) -> asyncpg.Record:
-    """`amount_micro` credits the account when positive (a payment), debits it when negative (a charge)."""
+    """`amount_micro` credits the account when positive (a payment), debits it when negative (a charge).
+    Returns the newest line written (with a payment taxed at payment, its tax line: the balance after both)."""
     if kind not in ACCOUNT_KINDS:
         raise InputError(f"kind must be one of {', '.join(ACCOUNT_KINDS)}")
     acct = await conn.fetchrow("SELECT id, tax_mode, vat_rate_ppm FROM accounts WHERE number = $1", number)
     if acct is None:
         raise InputError(f"account {number} does not exist")
-    lines = [postgres.AccountLine(kind, amount_micro, description)]
-    if kind in ("payment", "refill") and amount_micro > 0 and acct["tax_mode"] == "payment" and acct["vat_rate_ppm"]:
-        # Taxed at payment (pre-paid): the gross payment credits only its net part (domain/invoice.py).
-        rate = acct["vat_rate_ppm"]
-        tax = tax_in_gross(amount_micro, rate)
-        if tax:
-            lines.append(postgres.AccountLine(
-                "tax", -tax, f"VAT {format_rate(rate)} included in the {kind}",
-                tax_class="standard", tax_rate_ppm=rate, tax_base_micro=amount_micro - tax))
+    lines = postgres.credit_lines(kind, amount_micro, description, tax_mode=acct["tax_mode"],
+                                  vat_rate_ppm=acct["vat_rate_ppm"])
     written = await postgres.post_lines(conn, acct["id"], lines)
     await tell_redis(store, number, written[-1])
-    return written[0]
+    return written[-1]
 
 
 async def tell_redis(store: RedisStore, number: str, newest_line: asyncpg.Record) -> None:

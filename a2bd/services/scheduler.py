@@ -80,12 +80,12 @@ class BillingScheduler:
         return {"issued": done.closed, "drafts": done.drafts, "empty": done.empty, "errors": len(done.errors)}
 
     async def _documents(self, conn: asyncpg.Connection) -> int:
-        made = 0
+        tried, failed = 0, set[int]()
         while True:
-            batch = await invoicing.store_documents(conn, self.render, limit=200)
-            made += batch
+            batch = await invoicing.store_documents(conn, self.render, limit=200, skip=failed)
+            tried += batch
             if batch < 200:
-                return made
+                return tried - len(failed)
 
     async def _mail(self, conn: asyncpg.Connection, now: datetime) -> dict[str, Any]:
         done = await notify.send_due(conn, self.mailer, self.settings.mail, now)

@@ -114,6 +114,9 @@ async def test_account_set_moves_the_invoice_day_and_the_invoice_switch(pg: asyn
     await setup_tariff(capsys)
     number = await new_account(capsys)
     await pg.execute("UPDATE accounts SET next_close_at = '2030-01-01T00:00Z'")
+    assert await a2bd("account", "set", number, "--tax-mode", "payment") == 1  # its open period is taxed as is
+    assert "close its preview first" in capsys.readouterr().err
+    assert await a2bd("invoice", "close", "--account", number) == 0
     assert await a2bd("account", "set", number, "--invoice-day", "15", "--timezone", "Pacific/Auckland",
                       "--invoices", "off", "--tax-mode", "payment", "--email", "ada@example.net") == 0
     row = await pg.fetchrow("SELECT * FROM accounts WHERE number = $1", number)
@@ -124,7 +127,7 @@ async def test_account_set_moves_the_invoice_day_and_the_invoice_switch(pg: asyn
     assert "invoice_day" in capsys.readouterr().err
     assert await a2bd("account", "set", "99999999", "--invoices", "on") == 1
     assert "does not exist" in capsys.readouterr().err
-    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = $1", number) == 20_000_000
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE number = $1", number) == 20_000_000  # no tax
 
 
 async def test_charge_report_and_invoice_search_as_csv_and_json(pg: asyncpg.Connection, store: RedisStore,

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from a2bd.adapters import invoices, postgres
 from a2bd.adapters.postgres import AccountLine, CallLine
 from a2bd.adapters.redis_store import RedisStore
-from a2bd.domain.invoice import tax_on_net
+from a2bd.domain.invoice import tax_in_gross, tax_on_net
 from a2bd.domain.rating import SellRate, cost_micro
+from a2bd.domain.statement import InvoiceDocument
 from a2bd.errors import InputError
 from a2bd.services import invoicing
 from a2bd.services.posting import post_to_account
@@ -33,9 +34,15 @@ async def account(pg: asyncpg.Connection, number: str = "5550001", opening: int 
     if not await pg.fetchval("SELECT EXISTS (SELECT 1 FROM tariffs WHERE name = 't')"):
         await postgres.replace_tariff(pg, "t", [])
     fields.setdefault("vat_rate_ppm", 200_000)
-    acct = await postgres.create_account(pg, number=number, tariff="t", initial_balance_micro=opening, **fields)
-    # Accounts created "now" would start their first period after the lines the tests date in the past.
-    await pg.execute("UPDATE accounts SET period_start = $2 WHERE id = $1", acct["id"], OCT - timedelta(days=30))
+    acct = await postgres.create_account(pg, number=number, tariff="t", initial_balance_micro=0, **fields)
+    # Accounts created "now" would start their first period after the lines the tests date in the past;
+    # their opening line is dated with them.
+    opened = OCT - timedelta(days=30)
+    await pg.execute("UPDATE accounts SET period_start = $2 WHERE id = $1", acct["id"], opened)
+    if opening:
+        await postgres.post(pg, kind="initial", amount_micro=opening, account_id=acct["id"], at=opened,
+                            description="initial balance")
+        await pg.execute("UPDATE accounts SET initial_balance_micro = $2 WHERE id = $1", acct["id"], opening)
     return int(acct["id"])
 
 
@@ -127,13 +134,13 @@ async def test_closing_twice_is_a_no_op_and_an_empty_period_makes_no_invoice(pg:
     second = await invoicing.close_accounts(pg, None, ["5550001"], NOV)
     assert first.closed == 1 and second.closed == 0 and second.empty == 1
     assert await pg.fetchval("SELECT count(*) FROM invoices") == 1
-    assert await pg.fetchval("SELECT next_number FROM issuers WHERE reseller_id IS NULL") == 2  # no gap
+    assert await pg.fetchval("SELECT next_number FROM invoice_prefixes WHERE prefix = 'INV-'") == 2  # no gap
 
 
 async def test_numbers_are_gapless_per_issuer_under_concurrent_closes(pg_url: str, pg: asyncpg.Connection) -> None:
     await pg.execute("INSERT INTO resellers (name) VALUES ('acme')")
     reseller = await pg.fetchval("SELECT id FROM resellers WHERE name = 'acme'")
-    await pg.execute("INSERT INTO issuers (reseller_id, name, invoice_prefix) VALUES ($1, 'Acme', 'ACME-')", reseller)
+    await invoices.set_issuer(pg, reseller, {"name": "Acme", "invoice_prefix": "ACME-"})
     numbers = [f"555{i:04d}" for i in range(40)]
     for i, number in enumerate(numbers):
         acct = await account(pg, number, reseller_id=reseller if i % 2 else None)
@@ -256,7 +263,7 @@ async def test_discarding_a_draft_returns_its_lines_to_the_preview(pg: asyncpg.C
     await invoicing.close_accounts(pg, None, ["5550001"], NOV + timedelta(days=3))
     second = await pg.fetchrow("SELECT * FROM invoices WHERE status = 'draft'")
     assert second["line_count"] == 3 and second["from_line_id"] == 0
-    assert await pg.fetchval("SELECT next_number FROM issuers") == 1  # drafts take no number
+    assert await pg.fetchval("SELECT next_number FROM invoice_prefixes") == 1  # drafts take no number
 
 
 # -- taxes at payment, autorefill, switches ---------------------------------------------------------
@@ -306,6 +313,7 @@ async def test_accounts_close_on_their_own_local_midnight(pg: asyncpg.Connection
     off = await account(pg, "5550003", opening=1_000_000, invoices_enabled=False)
     for acct in (auckland, la, off):
         await line(pg, acct, "charge", -1_000, OCT)
+    await pg.execute("UPDATE accounts SET period_start = $1", OCT)  # their period began in October
     # Auckland's 1 November begins at 11:00 UTC on 31 October (NZDT, +13); Los Angeles' at 07:00 UTC (PDT).
     auckland_midnight = datetime(2026, 10, 31, 11, tzinfo=UTC)
     la_midnight = datetime(2026, 11, 1, 7, tzinfo=UTC)
@@ -376,8 +384,11 @@ async def test_random_months_invoice_every_line_once_and_chain_their_balances(
             await invoicing.close_accounts(pg, None, ["5550001"], at)
         elif op.kind == "call":
             await postgres.write_calls(pg, [CallLine(f"c{n}", "5550001", -op.amount, 60, "331", "France", at, at)])
+        elif op.kind in ("payment", "refill"):  # taxed at payment when the account is
+            await postgres.post_lines(pg, acct, postgres.credit_lines(op.kind, op.amount, "", tax_mode=tax_mode,
+                                                                      vat_rate_ppm=vat, at=at))
         else:
-            credit = op.kind in ("payment", "refill") or (op.kind == "correction" and n % 2 == 1)
+            credit = op.kind == "correction" and n % 2 == 1
             await postgres.post(pg, kind=op.kind, amount_micro=op.amount if credit else -op.amount, account_id=acct,
                                 at=at, tax_class=op.tax_class)
     end = OCT + timedelta(days=91)
@@ -404,8 +415,12 @@ async def test_random_months_invoice_every_line_once_and_chain_their_balances(
                     "payment", "refill", "initial") and (x["tax_class"] or "standard") == t["tax_class"])
                 assert t["net_micro"] == net
                 assert t["tax_micro"] == tax_on_net(net, t["rate_ppm"])
-        else:
+        else:  # taxed at payment: nothing more on the invoice, which shows what the payments carried
             assert own_tax == 0
+            carried = -sum(x["amount_micro"] for x in lines if x["kind"] == "tax")
+            assert sum(t["tax_micro"] for t in taxes) == carried
+            assert all(t["tax_micro"] == tax_in_gross(t["net_micro"] + t["tax_micro"], t["rate_ppm"]) for t in taxes
+                       if len([x for x in lines if x["kind"] == "tax"]) == 1)
         previous = inv["closing_micro"]
     every = [r["id"] for r in await pg.fetch("SELECT id FROM ledger WHERE account_id = $1 ORDER BY id", acct)]
     assert sorted(seen) == every  # the sum of all invoices' lines is the ledger
@@ -422,28 +437,50 @@ def priced_call(call_id: str, destination: str, seconds: int) -> CallLine:
                     sell=PER_SECOND)
 
 
-async def test_packages_are_used_first_once_per_call_and_reset_at_the_close(pg: asyncpg.Connection) -> None:
+async def test_packages_are_used_first_once_per_call_and_afresh_each_period(pg: asyncpg.Connection) -> None:
     acct = await account(pg, opening=10_000_000, vat_rate_ppm=0)
-    anywhere = await postgres.add_package(pg, "5550001", "100 minutes", 120)
+    anywhere = await postgres.add_package(pg, "5550001", "2 minutes", 120)
     france = await postgres.add_package(pg, "5550001", "France", 60, ["33"])
     await postgres.write_calls(pg, [priced_call("a", "33612345678", 90), priced_call("b", "4930123", 100)])
     lines = {r["call_id"]: r for r in await pg.fetch("SELECT * FROM ledger WHERE kind = 'call'")}
-    assert (lines["a"]["amount_micro"], lines["a"]["free_s"]) == (0, 90)  # whole: no connection charge
-    # 30 s left of the first package (the French one does not cover Germany): 70 s paid, plus the connection
-    assert (lines["b"]["amount_micro"], lines["b"]["free_s"]) == (-(5_000 + 70_000), 30)
-    used = {r["id"]: r["used_s"] for r in await pg.fetch("SELECT id, used_s FROM packages")}
-    assert used == {anywhere["id"]: 120, france["id"]: 0}
-
-    # A replayed call uses nothing again; a new French call uses the French package.
-    await postgres.write_calls(pg, [priced_call("a", "33612345678", 90), priced_call("c", "33140000000", 80)])
-    c = await pg.fetchrow("SELECT * FROM ledger WHERE call_id = 'c'")
-    assert (c["amount_micro"], c["free_s"]) == (-(5_000 + 20_000), 60)
+    # France: its own package first (60 s), then 30 s of the other; covered whole, so no connection charge
+    assert (lines["a"]["amount_micro"], lines["a"]["free_s"]) == (0, 90)
+    # Germany: the 90 s left of the general package, then 10 s paid, plus the connection
+    assert (lines["b"]["amount_micro"], lines["b"]["free_s"]) == (-(5_000 + 10_000), 90)
     used = {r["id"]: r["used_s"] for r in await pg.fetch("SELECT id, used_s FROM packages")}
     assert used == {anywhere["id"]: 120, france["id"]: 60}
-    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE id = $1", acct) == 10_000_000 - 75_000 - 25_000
 
+    # A replayed call uses nothing again; a new call finds nothing left and pays in full.
+    await postgres.write_calls(pg, [priced_call("a", "33612345678", 90), priced_call("c", "33140000000", 80)])
+    c = await pg.fetchrow("SELECT * FROM ledger WHERE call_id = 'c'")
+    assert (c["amount_micro"], c["free_s"]) == (-cost_micro(PER_SECOND, 80), None)
+    assert await pg.fetchval("SELECT sum(used_s) FROM packages") == 180
+    assert await pg.fetchval("SELECT balance_micro FROM accounts WHERE id = $1", acct) == \
+        10_000_000 - 15_000 - cost_micro(PER_SECOND, 80)
+
+    # The close starts a new period: its calls find the packages whole again.
     await invoicing.close_accounts(pg, None, ["5550001"], NOV)
-    assert [r["used_s"] for r in await pg.fetch("SELECT used_s FROM packages")] == [0, 0]  # a new period
+    later = NOV + timedelta(days=1)
+    await postgres.write_calls(pg, [CallLine("d", "5550001", -cost_micro(PER_SECOND, 50), 50, "33140000000", "dest",
+                                             later, later, sell=PER_SECOND)])
+    d = await pg.fetchrow("SELECT * FROM ledger WHERE call_id = 'd'")
+    assert (d["amount_micro"], d["free_s"]) == (0, 50)
+    rows = {r["id"]: r for r in await pg.fetch("SELECT * FROM packages")}
+    assert (rows[france["id"]]["used_s"], rows[france["id"]]["period"]) == (50, NOV)
+    assert rows[anywhere["id"]]["used_s"] == 120  # untouched this period: its count is last period's
+
+
+async def test_a_call_that_ended_after_the_next_close_counts_in_the_next_period(pg: asyncpg.Connection) -> None:
+    await account(pg, opening=10_000_000, vat_rate_ppm=0)
+    await pg.execute("UPDATE accounts SET next_close_at = $1", NOV)
+    await postgres.add_package(pg, "5550001", "1 minute", 60)
+    before, after = NOV - timedelta(minutes=5), NOV + timedelta(minutes=5)
+    await postgres.write_calls(pg, [
+        CallLine("old", "5550001", -cost_micro(PER_SECOND, 60), 60, "331", "dest", before, before, sell=PER_SECOND),
+        CallLine("new", "5550001", -cost_micro(PER_SECOND, 60), 60, "331", "dest", after, after, sell=PER_SECOND),
+    ])
+    free = {r["call_id"]: r["free_s"] for r in await pg.fetch("SELECT call_id, free_s FROM ledger WHERE kind = 'call'")}
+    assert free == {"old": 60, "new": 60}  # each period's minute, though the close has not run yet
 
 
 async def test_a_package_for_an_unknown_account_or_bad_prefix_is_refused(pg: asyncpg.Connection) -> None:
@@ -454,3 +491,106 @@ async def test_a_package_for_an_unknown_account_or_bad_prefix_is_refused(pg: asy
         await postgres.add_package(pg, "5550001", "x", 60, ["+33"])
     with pytest.raises(InputError, match="at least one"):
         await postgres.add_package(pg, "5550001", "x", 0)
+
+
+# -- what a review found ------------------------------------------------------------------------------
+
+
+async def test_a_refund_taxed_at_payment_gives_its_tax_back(pg: asyncpg.Connection, store: RedisStore) -> None:
+    await account(pg, tax_mode="payment")
+    await sync_redis(pg, store)
+    await post_to_account(pg, store, "5550001", "payment", 12_000_000, "card top-up")
+    newest = await post_to_account(pg, store, "5550001", "payment", -12_000_000, "refund")
+    assert newest["kind"] == "tax" and newest["amount_micro"] == 2_000_000  # the 2.00 of VAT comes back
+    assert newest["balance_after_micro"] == 0 and (await store.credit("5550001")).balance_micro == 0
+
+
+async def test_autorefill_of_an_account_taxed_at_payment_is_taxed(pg: asyncpg.Connection) -> None:
+    acct = await account(pg, opening=12_000_000, autorefill=True, tax_mode="payment")
+    await line(pg, acct, "charge", -6_000_000, OCT)
+    await invoicing.close_accounts(pg, None, ["5550001"], NOV)
+    refill, tax = await pg.fetch("SELECT * FROM ledger WHERE kind IN ('refill', 'tax') ORDER BY id")
+    assert (refill["amount_micro"], tax["amount_micro"]) == (6_000_000, -1_000_000)
+    assert tax["balance_after_micro"] == 11_000_000  # topped up by the net part of the refill
+
+
+async def test_the_tax_mode_does_not_change_under_an_open_period(pg: asyncpg.Connection) -> None:
+    acct = await account(pg, opening=5_000_000)
+    with pytest.raises(InputError, match="close its preview first"):
+        await postgres.update_account(pg, "5550001", {"tax_mode": "payment"})
+    await invoicing.close_accounts(pg, None, ["5550001"], NOV)
+    changed = await postgres.update_account(pg, "5550001", {"tax_mode": "payment"})
+    assert changed["tax_mode"] == "payment" and changed["id"] == acct
+
+
+async def test_a_late_line_dated_in_the_period_waits_for_the_next_invoice(pg: asyncpg.Connection) -> None:
+    acct = await account(pg, opening=5_000_000, vat_rate_ppm=0)
+    await line(pg, acct, "charge", -1_000_000, OCT)
+    await line(pg, acct, "did", -5_000_000, NOV + timedelta(seconds=20), "December's DID rental")
+    await line(pg, acct, "charge", -7, NOV - timedelta(minutes=1), "a call rated late from the CDR table")
+    await invoicing.close_accounts(pg, None, ["5550001"], NOV)
+    inv = await pg.fetchrow("SELECT * FROM invoices")
+    assert [x["kind"] for x in await invoice_lines(pg, inv["id"])] == ["initial", "charge"]  # no December DID
+    preview = await invoicing.preview(pg, "5550001", NOV + timedelta(days=1))
+    assert sorted(g.total_micro for g in preview.groups) == [-5_000_000, -7]
+
+
+async def test_accounts_that_cannot_close_do_not_hold_back_the_others(pg: asyncpg.Connection) -> None:
+    await pg.execute("UPDATE issuers SET mode = 'draft'")
+    for i in range(5):
+        acct = await account(pg, f"555000{i}", opening=1_000_000)
+        await line(pg, acct, "charge", -1_000, OCT)
+    await pg.execute("UPDATE accounts SET period_start = $1, next_close_at = $2", OCT, NOV)
+    first = await invoicing.close_due(pg, None, NOV, batch=2)
+    assert first.drafts == 5
+    # The five drafts wait; a sixth account due later still closes, however small the batches.
+    acct = await account(pg, "5550009", opening=1_000_000)
+    await line(pg, acct, "charge", -1_000, OCT)
+    await pg.execute("UPDATE accounts SET period_start = $1, next_close_at = $2 WHERE id = $3", OCT,
+                     NOV + timedelta(hours=1), acct)
+    await pg.execute("UPDATE accounts SET next_close_at = $1 WHERE id <> $2", NOV - timedelta(days=30), acct)
+    second = await invoicing.close_due(pg, None, NOV + timedelta(hours=2), batch=2)
+    assert second.drafts == 1 and len(second.errors) == 5
+
+
+async def test_a_document_that_fails_does_not_hold_back_the_others(pg: asyncpg.Connection) -> None:
+    for i in range(3):
+        acct = await account(pg, f"555000{i}", opening=1_000_000)
+        await line(pg, acct, "charge", -1_000, OCT)
+    await invoicing.close_accounts(pg, None, ["5550000", "5550001", "5550002"], NOV)
+
+    def render(doc: InvoiceDocument) -> bytes:
+        if doc.account_number == "5550000":
+            raise RuntimeError("font missing")
+        return b"%PDF " + doc.account_number.encode()
+
+    skip: set[int] = set()
+    assert await invoicing.store_documents(pg, render, skip=skip) == 3
+    assert len(skip) == 1
+    assert await pg.fetchval("SELECT count(*) FROM invoice_documents") == 2
+
+
+async def test_a_close_and_the_call_writer_with_packages_do_not_deadlock(pg_url: str, pg: asyncpg.Connection) -> None:
+    numbers = [f"555{i:04d}" for i in range(30)]
+    for number in numbers:
+        await account(pg, number, opening=100_000_000, vat_rate_ppm=0)
+        await postgres.add_package(pg, number, "free", 600)
+    writer, closer = await asyncpg.connect(pg_url), await asyncpg.connect(pg_url)
+
+    async def write() -> None:
+        for n in range(40):
+            now = datetime.now(UTC)
+            await postgres.write_calls(writer, [
+                CallLine(f"{number}/{n}", number, -cost_micro(PER_SECOND, 30), 30, "331", "d", now, now,
+                         sell=PER_SECOND) for number in reversed(numbers)])
+
+    async def close() -> None:
+        for _ in range(10):
+            await invoicing.close_accounts(closer, None, numbers, datetime.now(UTC))
+
+    try:
+        await asyncio.gather(write(), close())  # a deadlock would abort one of them with an error
+    finally:
+        await writer.close()
+        await closer.close()
+    assert await pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 30 * 40
