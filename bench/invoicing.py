@@ -1,6 +1,6 @@
 """Invoicing benchmark: close and number every preview of a month, then render invoices to PDF.
 
-    .venv/bin/python bench/invoicing.py [--accounts 100000] [--lines 50] [--pdfs 400] [--batch 2000]
+    .venv/bin/python bench/invoicing.py [--accounts 100000] [--lines 50] [--pdfs 400] [--batch 500]
 
 Sets up the database a2bd_bench (migrated) with --accounts accounts in four time zones (UTC, Europe/Paris,
 America/Los_Angeles, Pacific/Auckland; invoice day 1; VAT 20 %) and a month (October 2026) of --lines ledger
@@ -178,7 +178,8 @@ def main() -> int:
     parser.add_argument("--accounts", type=int, default=100_000)
     parser.add_argument("--lines", type=int, default=50, help="ledger lines per account in the month")
     parser.add_argument("--pdfs", type=int, default=400, help="invoices loaded and rendered to PDF")
-    parser.add_argument("--batch", type=int, default=2000, help="accounts closed per transaction")
+    parser.add_argument("--batch", type=int, default=invoicing.BATCH_ACCOUNTS,
+                        help="accounts closed per transaction (default: the scheduler's)")
     parser.add_argument("--seed", type=int, default=20261101)
     args = parser.parse_args()
     if not (1 <= args.accounts <= 1_000_000 and 1 <= args.lines <= 1000 and 1 <= args.pdfs <= args.accounts):
