@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import asyncpg
 
 from a2bd.adapters import invoices, postgres
 from a2bd.adapters.redis_store import RedisStore
@@ -134,12 +138,28 @@ def add_commands(sub: Any) -> None:
 # -- commands ---------------------------------------------------------------------------------------
 
 
-async def cmd_invoice_preview(args: argparse.Namespace, settings: Settings) -> int:
+@contextlib.asynccontextmanager
+async def _database(settings: Settings) -> AsyncIterator[asyncpg.Connection]:
     conn = await postgres.connect(settings.postgres.url)
     try:
-        doc = await invoicing.preview(conn, args.number, datetime.now(UTC))
+        yield conn
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _hot_state(settings: Settings) -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+
+async def cmd_invoice_preview(args: argparse.Namespace, settings: Settings) -> int:
+    async with _database(settings) as conn:
+        doc = await invoicing.preview(conn, args.number, datetime.now(UTC))
     if args.pdf:
         from a2bd.adapters.pdf import render_invoice
 
@@ -150,17 +170,12 @@ async def cmd_invoice_preview(args: argparse.Namespace, settings: Settings) -> i
 
 async def cmd_invoice_close(args: argparse.Namespace, settings: Settings) -> int:
     now = datetime.now(UTC)
-    conn = await postgres.connect(settings.postgres.url)
-    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
-    try:
+    async with _database(settings) as conn, _hot_state(settings) as store:
         if args.all_due:
             report = await invoicing.close_due(conn, store, now)
         else:
             numbers = args.account or await invoicing.filtered_accounts(conn, _filter(args.filter))
             report = await invoicing.close_accounts(conn, store, numbers, now)
-    finally:
-        await conn.close()
-        await store.close()
     if args.json:
         print(json.dumps({"issued": report.numbers, "drafts": report.drafts, "empty": report.empty,
                           "errors": report.errors}, indent=2))
@@ -177,24 +192,16 @@ async def cmd_invoice_close(args: argparse.Namespace, settings: Settings) -> int
 async def cmd_invoice_confirm(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.adapters.pdf import render_invoice
 
-    conn = await postgres.connect(settings.postgres.url)
-    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
-    try:
+    async with _database(settings) as conn, _hot_state(settings) as store:
         number = await invoicing.confirm(conn, store, args.invoice_id, datetime.now(UTC))
         await invoicing.store_document(conn, args.invoice_id, render_invoice)  # the outbox mails it next pass
-    finally:
-        await conn.close()
-        await store.close()
     print(number)
     return 0
 
 
 async def cmd_invoice_discard(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         await invoicing.discard(conn, args.invoice_id, datetime.now(UTC))
-    finally:
-        await conn.close()
     print(f"draft {args.invoice_id} discarded; its lines are back in the preview")
     return 0
 
@@ -202,8 +209,7 @@ async def cmd_invoice_discard(args: argparse.Namespace, settings: Settings) -> i
 async def cmd_invoice_pdf(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.adapters.pdf import render_invoice
 
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         if args.invoice.isdigit() and not await conn.fetchval("SELECT 1 FROM invoices WHERE number = $1",
                                                               args.invoice):
             invoice_id = int(args.invoice)
@@ -214,8 +220,6 @@ async def cmd_invoice_pdf(args: argparse.Namespace, settings: Settings) -> int:
             pdf = await invoicing.store_document(conn, invoice_id, render_invoice)
         else:  # a draft's, marked as such; not kept
             pdf = render_invoice(await invoicing.invoice_document(conn, invoice_id))
-    finally:
-        await conn.close()
     args.output.write_bytes(pdf)
     print(f"{args.output} ({len(pdf)} bytes)")
     return 0
@@ -237,11 +241,8 @@ async def cmd_invoice_search(args: argparse.Namespace, settings: Settings) -> in
     query = InvoiceQuery(account_number=args.account, last_name=args.last_name, number=args.number,
                          since=_when(args.since, "--since"), until=_when(args.until, "--until"), status=args.status,
                          limit=args.limit)
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         rows = await search_invoices(conn, query)
-    finally:
-        await conn.close()
     if args.format == "json":
         print(to_json(rows, indent=2))
     else:
@@ -254,11 +255,8 @@ async def cmd_report_charges(args: argparse.Namespace, settings: Settings) -> in
 
     query = ChargeQuery(account_number=args.account, last_name=args.last_name, kinds=tuple(args.kind or ()),
                         since=_when(args.since, "--since"), until=_when(args.until, "--until"), limit=args.limit)
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         await write_report(charge_batches(conn, query), sys.stdout, ChargeRow, args.format)  # streamed
-    finally:
-        await conn.close()
     return 0
 
 
@@ -268,8 +266,7 @@ _ISSUER_COLUMNS = {"prefix": "invoice_prefix", "mode": "mode", "name": "name", "
 
 async def cmd_issuer_set(args: argparse.Namespace, settings: Settings) -> int:
     changes = {column: getattr(args, arg) for arg, column in _ISSUER_COLUMNS.items() if getattr(args, arg) is not None}
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         reseller_id = None
         if args.reseller:
             reseller_id = await conn.fetchval("SELECT id FROM resellers WHERE name = $1", args.reseller)
@@ -277,8 +274,6 @@ async def cmd_issuer_set(args: argparse.Namespace, settings: Settings) -> int:
                 raise InputError(f"reseller {args.reseller} does not exist")
         row = await invoices.set_issuer(conn, reseller_id, changes)
         upcoming = await invoices.next_invoice_number(conn, row["id"])
-    finally:
-        await conn.close()
     print(f"issuer {row['name']!r}: prefix {row['invoice_prefix']!r}, {row['mode']} mode, next number {upcoming}")
     return 0
 
@@ -288,16 +283,11 @@ async def cmd_service_add(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.services.recurring import add_service
 
     amount = _money(args.amount, field="--amount")
-    conn = await postgres.connect(settings.postgres.url)
-    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
-    try:
+    async with _database(settings) as conn, _hot_state(settings) as store:
         row = await add_service(conn, store=store, account_number=args.number, kind=args.kind, name=args.name,
                                 amount_micro=amount, period=args.period, every=args.every, did=args.did,
                                 tax_class=args.tax_class, reminder_days=args.reminder_days,
                                 charge_now=not args.no_charge_now)
-    finally:
-        await conn.close()
-        await store.close()
     print(f"service {row['id']}: {row['name']}, {format_amount(amount)} every {args.every} {args.period}(s), "
           f"next charge {row['next_charge_at'].isoformat()}")
     return 0
@@ -306,11 +296,8 @@ async def cmd_service_add(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_service_list(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.services.recurring import services_of
 
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         rows = await services_of(conn, args.number)
-    finally:
-        await conn.close()
     listed = [{"id": r["id"], "kind": r["kind"], "name": r["name"], "did": r["did"],
                "amount": format_amount(r["amount_micro"]), "period": f"{r['every']} {r['period']}",
                "next_charge_at": r["next_charge_at"].isoformat(), "status": r["status"]} for r in rows]
@@ -326,13 +313,8 @@ async def cmd_service_list(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_service_resume(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.services.recurring import resume_service
 
-    conn = await postgres.connect(settings.postgres.url)
-    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
-    try:
+    async with _database(settings) as conn, _hot_state(settings) as store:
         row = await resume_service(conn, store, args.service_id, datetime.now(UTC))
-    finally:
-        await conn.close()
-        await store.close()
     print(f"service {row['id']} active again, next charge {row['next_charge_at'].isoformat()}")
     return 0
 
@@ -340,22 +322,16 @@ async def cmd_service_resume(args: argparse.Namespace, settings: Settings) -> in
 async def cmd_service_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.services.recurring import cancel_service
 
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         await cancel_service(conn, args.service_id)
-    finally:
-        await conn.close()
     print(f"service {args.service_id} cancelled")
     return 0
 
 
 async def cmd_package_add(args: argparse.Namespace, settings: Settings) -> int:
-    conn = await postgres.connect(settings.postgres.url)
-    try:
+    async with _database(settings) as conn:
         row = await postgres.add_package(conn, args.number, args.name, args.minutes * 60,
                                          [p.lstrip("+") for p in args.prefix])
-    finally:
-        await conn.close()
     print(f"package {row['id']}: {args.minutes} free minutes a period"
           f"{' to ' + ', '.join(row['prefixes']) if row['prefixes'] else ''}")
     return 0
