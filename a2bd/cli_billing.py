@@ -1,6 +1,7 @@
-"""The billing staff's commands: invoices, issuers, one scheduler pass.
+"""The billing staff's commands: invoices, issuers, services, packages, reports, one scheduler pass.
 
-`a2bd invoice preview|close|confirm|discard|pdf|search`, `a2bd issuer set`, `a2bd billing run`.
+`a2bd invoice preview|close|confirm|discard|pdf|search`, `a2bd issuer set`, `a2bd service add|list|resume|
+cancel`, `a2bd package add`, `a2bd report charges`, `a2bd billing run`.
 """
 
 from __future__ import annotations
