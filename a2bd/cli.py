@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(command=cmd_explain)
 
+    p = sub.add_parser("storm", help="a call storm from a simulated Asterisk against a real daemon, then the "
+                                     "books checked (scratch database and Redis db, dropped afterwards)")
+    p.add_argument("--rate", type=float, default=100.0, help="calls started per second")
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--accounts", type=int, default=200)
+    p.add_argument("--mean-talk", type=float, default=3.0, help="mean talk time, seconds (exponential)")
+    p.add_argument("--max-talk", type=float, default=30.0)
+    p.add_argument("--answer-ratio", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=20261123)
+    p.add_argument("--csv", type=Path, help="calls to place instead: start_s,account,destination,talk_s[,outcome]")
+    p.add_argument("--plot", type=Path, help="write calls/s, live calls and latency over time to this PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(command=cmd_storm)
+
     from a2bd import cli_billing
 
     cli_billing.add_commands(sub)
@@ -267,6 +281,29 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(record["number"])
     return 0
+
+
+async def cmd_storm(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.sim.storm import StormPlan, storm_main
+
+    if not (0 < args.rate <= 20_000 and 1 <= args.calls <= 1_000_000 and 1 <= args.accounts <= 100_000
+            and 0 <= args.answer_ratio <= 1 and 0 <= args.mean_talk <= args.max_talk <= 3600):
+        raise InputError("storm bounds: rate 0..20000, calls 1..1e6, accounts 1..1e5, answer ratio 0..1, "
+                         "0 <= mean talk <= max talk <= 3600")
+    plan = StormPlan(rate=args.rate, calls=args.calls, accounts=args.accounts, mean_talk_s=args.mean_talk,
+                     max_talk_s=args.max_talk, answer_ratio=args.answer_ratio, seed=args.seed)
+    report = await storm_main(plan, args.csv, args.plot)
+    summary = report.summary()
+    if args.json:
+        print(json.dumps({**summary, "discrepancy_list": report.verdict.discrepancies[:100]}, indent=2))
+    else:
+        for key, value in summary.items():
+            print(f"{key:<18} {value}")
+        for line in report.verdict.discrepancies[:50]:
+            print(f"  discrepancy: {line}")
+        if args.plot:
+            print(f"plot               {args.plot}")
+    return 0 if report.verdict.ok else 1
 
 
 async def cmd_account_set(args: argparse.Namespace, settings: Settings) -> int:

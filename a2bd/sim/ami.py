@@ -270,6 +270,7 @@ class CallResult:
     cause: int = 0
     dial_channel: str = ""
     cdrs: list[CdrRecord] = field(default_factory=list)
+    authorize_s: float | None = None  # the FastAGI session, connect to close (None: none was opened)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1120,10 +1121,12 @@ class SimAsterisk:
                 port=port,
                 args=spec.agi_args,
             )
+            began = time.perf_counter()
             try:
                 result = await run_session(host, port, env, timeout_s=self.agi_timeout_s)
             except OSError:
                 result = None  # refused: AGISTATUS=FAILURE at once, no AGIExec events (transcript 07)
+            call.result.authorize_s = time.perf_counter() - began
         if result is not None:
             call.result.variables = dict(result.variables)
             for line in result.commands:

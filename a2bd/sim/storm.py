@@ -1,0 +1,537 @@
+"""Call storms: a simulated Asterisk drives a real a2bd daemon, then the money is checked, not only the speed.
+
+    a2bd storm --rate 200 --calls 2000 [--csv calls.csv] [--plot storm.png] [--json]
+
+The storm owns a scratch database (`a2bd_storm`) and Redis db 12, which it creates and drops. It imports the
+sample rate card, creates a mix of accounts (pre-paid with little credit, post-paid with a limit, blocked,
+expired), starts a simulated Asterisk (a2bd.sim.ami: an AMI server a2bd logs into, a FastAGI session per
+call as Asterisk opens it, the recorded event sequences of answered, busy, unanswered and cut calls, the
+L() limit and the Hangup action obeyed) and `a2bd serve` as a separate process, then places the calls at
+their planned instants: Poisson arrivals at --rate, talk times drawn from an exponential distribution, a mix
+of outcomes, or the rows of a CSV (start_s, account, destination, talk_s[, outcome]).
+
+At the end it checks the books independently of the daemon's bookkeeping: for every account the balance
+expected from what the simulator did (each answered call's billable seconds priced by the rate card)
+against PostgreSQL and Redis; one ledger line per answered call and none for the others; no OK for a
+blocked or expired account; no account below the guard's bound (one billing increment per live call
+under zero). It prints calls/s reached, the authorization latency p50/p99/max, the calls the guard cut,
+and a verdict, and exits 1 on any discrepancy. `--plot` draws calls/s, live calls and latency over time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from a2bd.adapters import postgres
+from a2bd.adapters.redis_store import RedisStore
+from a2bd.domain.money import format_amount
+from a2bd.domain.ratecard import parse_ratecard
+from a2bd.domain.rating import cost_micro
+from a2bd.domain.tariff import RateEntry, Tariff
+from a2bd.errors import InputError
+from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk
+
+SAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "sample_tariff.csv"
+DB = "a2bd_storm"
+REDIS_DB = 12
+OUTCOMES = ("answer", "busy", "noanswer", "congestion")
+KINDS = ("prepaid", "postpaid", "blocked", "expired")
+
+
+# -- the plan (pure) -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StormAccount:
+    number: str
+    kind: str  # prepaid | postpaid | blocked | expired
+    opening_micro: int
+    credit_limit_micro: int = 0
+    max_calls: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedCall:
+    at_s: float  # after the storm's start
+    account: str
+    destination: str
+    talk_s: float
+    outcome: str = "answer"
+
+
+@dataclass(frozen=True, slots=True)
+class StormPlan:
+    rate: float = 100.0  # calls started per second
+    calls: int = 1000
+    accounts: int = 200
+    mean_talk_s: float = 3.0
+    max_talk_s: float = 30.0
+    mix: tuple[float, float, float, float] = (0.6, 0.3, 0.05, 0.05)  # prepaid, postpaid, blocked, expired
+    answer_ratio: float = 0.8  # the rest: busy, no answer, congestion in equal parts
+    seed: int = 20261123
+
+
+def make_accounts(plan: StormPlan) -> list[StormAccount]:
+    """The account mix: pre-paid with a little credit (some run out mid-call), post-paid with a limit."""
+    rng = random.Random(plan.seed)
+    out = []
+    bounds = list(_cumulative(plan.mix))
+    for i in range(plan.accounts):
+        roll = rng.random()
+        kind = next(k for k, b in zip(KINDS, bounds, strict=True) if roll < b)
+        number = f"{3_000_000_000 + i}"
+        if kind == "prepaid":
+            out.append(StormAccount(number, kind, rng.randrange(5, 100) * 10_000, 0, rng.choice((1, 2, 4))))
+        elif kind == "postpaid":
+            out.append(StormAccount(number, kind, 0, rng.randrange(20, 200) * 1_000_000, 20))
+        else:
+            out.append(StormAccount(number, kind, 10_000_000))
+    return out
+
+
+def _cumulative(values: Sequence[float]) -> Iterable[float]:
+    total = sum(values)
+    acc = 0.0
+    for v in values:
+        acc += v / total
+        yield acc
+    # the last bound is 1.0 up to rounding: make any roll fall in it
+
+
+def destinations(entries: Sequence[RateEntry], seed: int, per_prefix: int = 3) -> list[str]:
+    """Numbers to call: a few per prefix of the rate card, long enough to be real numbers."""
+    rng = random.Random(seed)
+    out = []
+    for entry in entries:
+        for _ in range(per_prefix):
+            tail = "".join(rng.choice("0123456789") for _ in range(max(11 - len(entry.prefix), 3)))
+            out.append(entry.prefix + tail)
+    return sorted(set(out))
+
+
+def plan_calls(plan: StormPlan, accounts: Sequence[StormAccount], numbers: Sequence[str]) -> list[PlannedCall]:
+    """Poisson arrivals at `plan.rate`, talk times exponential (capped), outcomes by `answer_ratio`."""
+    if plan.rate <= 0 or plan.calls <= 0:
+        raise InputError("a storm needs a rate > 0 and at least one call")
+    rng = random.Random(plan.seed + 1)
+    at = 0.0
+    out = []
+    others = OUTCOMES[1:]
+    for _ in range(plan.calls):
+        at += rng.expovariate(plan.rate)
+        talk = min(rng.expovariate(1 / plan.mean_talk_s), plan.max_talk_s) if plan.mean_talk_s > 0 else 0.0
+        outcome = "answer" if rng.random() < plan.answer_ratio else rng.choice(others)
+        out.append(PlannedCall(round(at, 4), rng.choice(accounts).number, rng.choice(numbers), round(talk, 3),
+                               outcome))
+    return out
+
+
+def read_calls_csv(path: Path) -> list[PlannedCall]:
+    """start_s,account,destination,talk_s[,outcome] with a header; every bad row is reported by line."""
+    calls: list[PlannedCall] = []
+    errors: list[str] = []
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"start_s", "account", "destination", "talk_s"} - set(reader.fieldnames or ())
+        if missing:
+            raise InputError(f"{path}: the header lacks {', '.join(sorted(missing))}")
+        for row in reader:
+            line = reader.line_num
+            try:
+                start, talk = float(row["start_s"]), float(row["talk_s"])
+                outcome = (row.get("outcome") or "answer").strip()
+                if not (math.isfinite(start) and math.isfinite(talk)) or start < 0 or talk < 0:
+                    raise ValueError("start_s and talk_s are seconds >= 0")
+                if outcome not in OUTCOMES:
+                    raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+                if not row["account"].isdigit() or not row["destination"].isdigit():
+                    raise ValueError("account and destination are digits")
+                calls.append(PlannedCall(start, row["account"], row["destination"], talk, outcome))
+            except (ValueError, TypeError, AttributeError) as exc:
+                errors.append(f"line {line}: {exc}")
+    if errors:
+        raise InputError(f"{path}: {len(errors)} bad row(s): " + "; ".join(errors[:20]))
+    return sorted(calls, key=lambda c: c.at_s)
+
+
+# -- the verdict (pure) --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One placed call as the simulator saw it."""
+
+    planned: PlannedCall
+    result: CallResult
+    started_at: float  # wall clock
+    authorize_s: float | None  # FastAGI session, connect to close
+
+
+@dataclass(slots=True)
+class Verdict:
+    discrepancies: list[str] = field(default_factory=list)
+    expected_micro: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.discrepancies
+
+
+def check_books(
+    accounts: Sequence[StormAccount], outcomes: Sequence[Outcome], entries: Sequence[RateEntry], server: str,
+    ledger: Sequence[tuple[str, str, int]], pg_balances: dict[str, int], redis_balances: dict[str, int | None],
+) -> Verdict:
+    """Compare what the simulator did with the books. `ledger`: (call id, account, amount) of every call
+    line; balances by account number. Prices come from the rate card and the simulator's billable
+    seconds, not from anything the daemon computed."""
+    tariff = Tariff.build("storm", entries)
+    increment = _max_increment_micro(entries)
+    verdict = Verdict()
+    by_number = {a.number: a for a in accounts}
+    expected = {a.number: a.opening_micro for a in accounts}
+    answered: dict[str, tuple[str, int]] = {}
+    for o in outcomes:
+        r = o.result
+        if by_number.get(o.planned.account) and by_number[o.planned.account].kind in ("blocked", "expired") \
+                and r.status == "OK":
+            verdict.discrepancies.append(f"{o.planned.account} ({by_number[o.planned.account].kind}) was authorized")
+        if r.disposition == "ANSWERED":
+            match = tariff.lookup(o.planned.destination, datetime.fromtimestamp(o.started_at, UTC))
+            if match is None:
+                verdict.discrepancies.append(f"{server}/{r.uniqueid}: answered but the rate card has no rate")
+                continue
+            price = cost_micro(match.sell, r.billable_s)
+            answered[f"{server}/{r.uniqueid}"] = (o.planned.account, price)
+            expected[o.planned.account] = expected.get(o.planned.account, 0) - price
+    seen = Counter(call_id for call_id, _, _ in ledger)
+    for call_id, count in seen.items():
+        if count > 1:
+            verdict.discrepancies.append(f"{call_id}: {count} ledger lines (doubled)")
+        if call_id not in answered:
+            verdict.discrepancies.append(f"{call_id}: a ledger line for a call that was not answered")
+    for call_id, account, amount in ledger:
+        if call_id in answered and answered[call_id] != (account, -amount):
+            verdict.discrepancies.append(f"{call_id}: billed {format_amount(-amount)} to {account}, expected "
+                                         f"{format_amount(answered[call_id][1])} to {answered[call_id][0]}")
+    for call_id in answered.keys() - seen.keys():
+        verdict.discrepancies.append(f"{call_id}: answered but missing from the ledger")
+    for number, want in expected.items():
+        if pg_balances.get(number) != want:
+            verdict.discrepancies.append(f"account {number}: PostgreSQL balance {pg_balances.get(number)} != "
+                                         f"{want} expected")
+        if redis_balances.get(number) != pg_balances.get(number):
+            verdict.discrepancies.append(f"account {number}: Redis balance {redis_balances.get(number)} != "
+                                         f"PostgreSQL {pg_balances.get(number)}")
+        acct = by_number[number]
+        live_max = acct.max_calls or 20
+        bound = -live_max * increment
+        if want + acct.credit_limit_micro < bound:
+            verdict.discrepancies.append(f"account {number}: available credit {format_amount(want)} below the "
+                                         f"guard's bound {format_amount(bound)}")
+    verdict.expected_micro = expected
+    return verdict
+
+
+def _max_increment_micro(entries: Sequence[RateEntry]) -> int:
+    """The most one billing increment (or initial block) of any rate can cost: the guard's bound per call."""
+    worst = 0
+    for entry in entries:
+        sell = entry.sell
+        step = max(sell.increment_s, sell.initial_block_s, 1)
+        worst = max(worst, sell.connect_micro + sell.disconnect_micro + math.ceil(step * sell.rate_per_min_micro / 60),
+                    sell.min_cost_micro)
+    return worst
+
+
+# -- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StormReport:
+    outcomes: list[Outcome]
+    started: float
+    finished: float
+    live_samples: list[tuple[float, int]]
+    verdict: Verdict
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(o.authorize_s for o in self.outcomes if o.authorize_s is not None)
+        span = max(max((o.started_at for o in self.outcomes), default=self.started) - self.started, 1e-9)
+        statuses = Counter(o.result.status or "none" for o in self.outcomes)
+        return {
+            "calls": len(self.outcomes),
+            "calls_per_s": round(len(self.outcomes) / span, 1),
+            "authorize_p50_ms": _ms(_pct(lat, 50)), "authorize_p99_ms": _ms(_pct(lat, 99)),
+            "authorize_max_ms": _ms(lat[-1] if lat else None),
+            "answered": sum(o.result.disposition == "ANSWERED" for o in self.outcomes),
+            "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
+            "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
+            "statuses": dict(statuses),
+            "discrepancies": len(self.verdict.discrepancies),
+            "verdict": "OK" if self.verdict.ok else "WRONG",
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return values[max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def setup_world(pg_url: str, accounts: Sequence[StormAccount], entries: Sequence[RateEntry]) -> None:
+    conn = await postgres.connect(pg_url)
+    try:
+        await postgres.migrate(conn)
+        for name in sorted({e.provider for e in entries if e.provider}):
+            await postgres.add_provider(conn, name, f"PJSIP/{{number}}@{name}")
+        await postgres.replace_tariff(conn, "storm", list(entries))
+        expired = datetime.now(UTC) - timedelta(days=1)
+        for a in accounts:
+            extra: dict[str, Any] = {"max_calls": a.max_calls, "credit_limit_micro": a.credit_limit_micro}
+            if a.kind == "blocked":
+                extra["status"] = "blocked"
+            if a.kind == "expired":
+                extra["expires_at"] = expired
+            await postgres.create_account(conn, number=a.number, tariff="storm", initial_balance_micro=a.opening_micro,
+                                          **extra)
+    finally:
+        await conn.close()
+
+
+async def run_storm(
+    calls: Sequence[PlannedCall], accounts: Sequence[StormAccount], entries: Sequence[RateEntry], *,
+    pg_url: str, redis_url: str, drain_s: float = 30.0, max_in_flight: int = 20_000,
+) -> StormReport:
+    """Set up, start the simulator and the daemon, place the calls on time, then check the books."""
+    await setup_world(pg_url, accounts, entries)
+    secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
+    sim = SimAsterisk(username="a2bd", secret=secret, seed=7)
+    await sim.start()
+    agi_port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="a2bd-storm-") as tmp:
+        config = Path(tmp) / "a2bd.toml"
+        config.write_text(
+            f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n[metrics]\nport = 0\n[log]\nlevel = "warning"\n'
+            f'[billing]\nscheduler_interval_s = 0\n'
+            f'[[asterisk]]\nname = "storm"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
+            f'secret = "{secret}"\n'
+        )
+        env = {**os.environ, "A2BD_PG_URL": pg_url, "A2BD_REDIS_URL": redis_url}
+        daemon = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "a2bd", "--config", str(config), "serve", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            await _wait_port(agi_port, daemon)
+            async with asyncio.timeout(20):
+                await sim.wait_logged_in()
+            sim.agi = ("127.0.0.1", agi_port)
+            outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
+            verdict = await _books(pg_url, redis_url, accounts, outcomes, entries, drain_s)
+        finally:
+            if daemon.returncode is None:
+                daemon.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(30):
+                    await daemon.communicate()
+            except TimeoutError:
+                daemon.kill()
+                await daemon.wait()
+            await sim.close()
+    return StormReport(outcomes, started, finished, live, verdict)
+
+
+async def _wait_port(port: int, proc: asyncio.subprocess.Process) -> None:
+    for _ in range(300):  # bounded: 30 s for the daemon to load and listen
+        if proc.returncode is not None:
+            err = (await proc.stderr.read()).decode()[-2000:] if proc.stderr else ""
+            raise InputError(f"a2bd serve exited at start ({proc.returncode}): {err}")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise InputError("a2bd serve did not listen within 30 s")
+
+
+async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], max_in_flight: int
+                 ) -> tuple[list[Outcome], list[tuple[float, int]], float, float]:
+    outcomes: list[Outcome] = []
+    live: list[tuple[float, int]] = []
+    tasks: set[asyncio.Task[None]] = set()
+    room = asyncio.Semaphore(max_in_flight)  # bounded: the simulator's own memory
+    start = time.monotonic()
+    wall0 = time.time()
+
+    async def one(planned: PlannedCall) -> None:
+        spec = CallSpec(extension=planned.destination, accountcode=planned.account,
+                        outcome=planned.outcome,  # type: ignore[arg-type]
+                        ring_s=0.2 if planned.outcome == "answer" else 0.5, talk_s=planned.talk_s,
+                        dial_timeout_s=1.0)
+        began = time.time()
+        try:
+            result = await sim.call(spec)
+        finally:
+            room.release()
+        outcomes.append(Outcome(planned, result, began, result.authorize_s))
+
+    async def sample() -> None:
+        while True:
+            live.append((time.time() - wall0, len(tasks)))
+            await asyncio.sleep(0.25)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        for planned in calls:
+            delay = start + planned.at_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await room.acquire()
+            task = asyncio.create_task(one(planned))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        async with asyncio.timeout(max((c.talk_s for c in calls), default=0) + 120):
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+    finally:
+        sampler.cancel()
+        for task in list(tasks):
+            task.cancel()
+    return outcomes, live, wall0, time.time()
+
+
+async def _books(pg_url: str, redis_url: str, accounts: Sequence[StormAccount], outcomes: Sequence[Outcome],
+                 entries: Sequence[RateEntry], drain_s: float) -> Verdict:
+    answered = sum(o.result.disposition == "ANSWERED" for o in outcomes)
+    conn = await asyncpg.connect(pg_url)
+    store = RedisStore.from_url(redis_url, 2.0)
+    try:
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline:  # the daemon writes in batches: wait for the last one (bounded)
+            if await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") >= answered:
+                break
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # and for Redis to be settled after it
+        ledger = [(r["call_id"], r["number"], r["amount_micro"]) for r in await conn.fetch(
+            "SELECT l.call_id, a.number, l.amount_micro FROM ledger l JOIN accounts a ON a.id = l.account_id"
+            " WHERE l.kind = 'call'")]
+        pg_balances = {r["number"]: r["balance_micro"] for r in await conn.fetch(
+            "SELECT number, balance_micro FROM accounts")}
+        redis_balances: dict[str, int | None] = {}
+        for a in accounts:
+            credit = await store.credit(a.number)
+            redis_balances[a.number] = credit.balance_micro if credit is not None else None
+    finally:
+        await conn.close()
+        await store.close()
+    return check_books(accounts, outcomes, entries, "storm", ledger, pg_balances, redis_balances)
+
+
+def plot(report: StormReport, path: Path) -> None:
+    """calls/s started, live calls and authorization latency (p50/p99 per second) over the storm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = report.started
+    per_s: Counter[int] = Counter(int(o.started_at - t0) for o in report.outcomes)
+    lat_by_s: dict[int, list[float]] = {}
+    for o in report.outcomes:
+        if o.authorize_s is not None:
+            lat_by_s.setdefault(int(o.started_at - t0), []).append(o.authorize_s * 1000)
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    seconds = sorted(per_s)
+    axes[0].bar(seconds, [per_s[s] for s in seconds], width=0.9, color="#1f4e79")
+    axes[0].set_ylabel("calls started / s")
+    axes[1].plot([t for t, _ in report.live_samples], [n for _, n in report.live_samples], color="#2e7d32")
+    axes[1].set_ylabel("live calls")
+    lat_s = sorted(lat_by_s)
+    axes[2].plot(lat_s, [_pct(sorted(lat_by_s[s]), 50) for s in lat_s], label="p50", color="#1f4e79")
+    axes[2].plot(lat_s, [_pct(sorted(lat_by_s[s]), 99) for s in lat_s], label="p99", color="#c62828")
+    axes[2].set_ylabel("authorize (ms)")
+    axes[2].set_xlabel("seconds since the storm began")
+    axes[2].legend()
+    summary = report.summary()
+    fig.suptitle(f"a2bd storm: {summary['calls']} calls at {summary['calls_per_s']}/s, "
+                 f"p99 {summary['authorize_p99_ms']} ms, verdict {summary['verdict']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# Beside the sample card, a destination priced by the second at 6.00 a minute: small pre-paid credits run
+# out within a few seconds of talk, so a storm shows the credit guard (and the L() limit) at work.
+EXPENSIVE = ("8816,Satellite (per second),6.0000,1,1,0,0,0,0,carrier-a,3.0000,1,1,0,10079",)
+
+
+def load_entries(path: Path = SAMPLE) -> list[RateEntry]:
+    with path.open(newline="") as fh:
+        lines = [*fh.read().splitlines(), *EXPENSIVE]
+    entries, errors = parse_ratecard(lines)
+    if errors:
+        raise InputError(f"{path}: {errors[0]}")
+    return entries
+
+
+async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | None) -> StormReport:
+    """`a2bd storm`: a scratch database and Redis db on the machine's servers, dropped afterwards."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from a2bd.devservers import find_servers
+
+    servers = find_servers()
+    pg = urlsplit(servers.pg_url)
+    pg_url = urlunsplit(pg._replace(path=f"/{DB}"))
+    redis_url = urlunsplit(urlsplit(servers.redis_url)._replace(path=f"/{REDIS_DB}"))
+    admin = await asyncpg.connect(servers.pg_url)
+    await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {DB}")
+    store = RedisStore.from_url(redis_url, 2.0)
+    await store.client.flushdb()
+    try:
+        entries = load_entries()
+        accounts = make_accounts(plan)
+        calls = read_calls_csv(csv_path) if csv_path else plan_calls(plan, accounts, destinations(entries, plan.seed))
+        known = {a.number for a in accounts}
+        strangers = sorted({c.account for c in calls} - known)
+        if strangers:
+            raise InputError(f"calls name accounts the storm does not create: {', '.join(strangers[:10])} "
+                             f"(its accounts are {min(known)}..{max(known)})")
+        report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url)
+        if plot_path is not None:
+            plot(report, plot_path)
+        return report
+    finally:
+        await store.client.flushdb()
+        await store.close()
+        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        await admin.close()
