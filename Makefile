@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: install
-	$(PY) -m ruff check a2bd tests bench
+	$(PY) -m ruff check a2bd agi_scripts tests bench docs
 
 typecheck: install
 	$(PY) -m mypy

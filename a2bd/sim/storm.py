@@ -271,6 +271,7 @@ class StormReport:
     finished: float
     live_samples: list[tuple[float, int]]
     verdict: Verdict
+    daemon_log: list[str] = field(default_factory=list)  # what the daemon logged (level warning and up)
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.authorize_s for o in self.outcomes if o.authorize_s is not None)
@@ -286,6 +287,7 @@ class StormReport:
             "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
             "statuses": dict(statuses),
             "discrepancies": len(self.verdict.discrepancies),
+            "daemon_warnings": len(self.daemon_log),
             "verdict": "OK" if self.verdict.ok else "WRONG",
         }
 
@@ -329,8 +331,10 @@ async def setup_world(pg_url: str, accounts: Sequence[StormAccount], entries: Se
 async def run_storm(
     calls: Sequence[PlannedCall], accounts: Sequence[StormAccount], entries: Sequence[RateEntry], *,
     pg_url: str, redis_url: str, drain_s: float = 30.0, max_in_flight: int = 20_000,
+    python: Sequence[str] = (sys.executable,),
 ) -> StormReport:
-    """Set up, start the simulator and the daemon, place the calls on time, then check the books."""
+    """Set up, start the simulator and the daemon, place the calls on time, then check the books.
+    `python`: how to run the daemon's interpreter (e.g. under `-m cProfile -o FILE` to profile it)."""
     await setup_world(pg_url, accounts, entries)
     secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
     sim = SimAsterisk(username="a2bd", secret=secret, seed=7)
@@ -345,11 +349,14 @@ async def run_storm(
             f'secret = "{secret}"\n'
         )
         env = {**os.environ, "A2BD_PG_URL": pg_url, "A2BD_REDIS_URL": redis_url}
+        # The daemon's log goes to a file: a pipe nobody reads fills up and blocks the daemon's writes.
+        log_path = Path(tmp) / "a2bd.log"
+        log_file = log_path.open("wb")
         daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "a2bd", "--config", str(config), "serve", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            *python, "-m", "a2bd", "--config", str(config), "serve", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
         try:
-            await _wait_port(agi_port, daemon)
+            await _wait_port(agi_port, daemon, log_path)
             async with asyncio.timeout(20):
                 await sim.wait_logged_in()
             sim.agi = ("127.0.0.1", agi_port)
@@ -360,18 +367,20 @@ async def run_storm(
                 daemon.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(30):
-                    await daemon.communicate()
+                    await daemon.wait()
             except TimeoutError:
                 daemon.kill()
                 await daemon.wait()
+            log_file.close()
             await sim.close()
-    return StormReport(outcomes, started, finished, live, verdict)
+            log_lines = log_path.read_text(errors="replace").splitlines()
+    return StormReport(outcomes, started, finished, live, verdict, log_lines)
 
 
-async def _wait_port(port: int, proc: asyncio.subprocess.Process) -> None:
+async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:
     for _ in range(300):  # bounded: 30 s for the daemon to load and listen
         if proc.returncode is not None:
-            err = (await proc.stderr.read()).decode()[-2000:] if proc.stderr else ""
+            err = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-2000:]
             raise InputError(f"a2bd serve exited at start ({proc.returncode}): {err}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
