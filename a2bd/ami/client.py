@@ -151,8 +151,10 @@ class AmiClient:
         clock: Callable[[], float] = time.time,
         on_state: Callable[[str, str], None] | None = None,
         action_id_prefix: str | None = None,
+        only_events: frozenset[str] | None = None,
     ) -> None:
         self.name = name
+        self.only_events = only_events  # the events decoded and delivered (None: every one); see AmiParser
         self.host = host
         self.port = port
         self.username = username
@@ -392,7 +394,7 @@ class AmiClient:
     async def _login(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[_Connection, list[AmiMessage]]:
-        parser = AmiParser(max_message_bytes=self.max_message_bytes)
+        parser = AmiParser(max_message_bytes=self.max_message_bytes, events=self.only_events)
         messages: list[AmiMessage] = []
         # The banner first (one line, no blank line after it): the secret goes only to an AMI server.
         while parser.banner is None:

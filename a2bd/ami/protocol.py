@@ -200,10 +200,16 @@ class AmiParser:
     first line that is not the banner; the connection must then be dropped (the parser is left unusable).
     """
 
-    __slots__ = ("_buffer", "_expect_banner", "_max", "_scan_from", "banner")
+    __slots__ = ("_buffer", "_events", "_expect_banner", "_max", "_scan_from", "banner", "skipped")
 
-    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, expect_banner: bool = True) -> None:
+    def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, expect_banner: bool = True,
+                 events: frozenset[str] | None = None) -> None:
         self.banner: str | None = None
+        # Only these events are decoded (None: all). Asterisk sends some 30 events per call, of which the
+        # tracker reads four: the others are recognised by their first line and dropped undecoded, unless
+        # they answer one of our actions (an ActionID: CoreShowChannel and its kin).
+        self._events = events
+        self.skipped = 0
         self._max = max_message_bytes
         self._expect_banner = expect_banner
         self._buffer = bytearray()  # an incomplete message (or banner line)
@@ -252,7 +258,14 @@ class AmiParser:
         buffer += rest
         self._scan_from = len(rest)
         messages: list[AmiMessage] = []
+        events = self._events
         for block in blocks:
+            if events is not None and block.startswith(b"Event: "):
+                end = block.find(b"\r\n")
+                name = (block[7:] if end < 0 else block[7:end]).decode("utf-8", "replace")
+                if name not in events and b"\r\nActionID: " not in block:
+                    self.skipped += 1
+                    continue
             message = parse_message(block, received_at)
             if message is not None:
                 messages.append(message)

@@ -31,12 +31,17 @@ from a2bd.services.tracker import CallTracker, LiveCall, RecentCalls
 log = structlog.get_logger("a2bd.lifecycle")
 
 
+# The events the call tracker reads (services/tracker.py): the client decodes no other.
+TRACKED_EVENTS = frozenset({"DialBegin", "DialEnd", "Hangup", "Cdr"})
+
+
 def ami_client(server: AsteriskServer, settings: Settings) -> AmiClient:
     ami = settings.ami
     return AmiClient(
         server.name, server.host, server.port, server.username, server.read_secret(),
         request_timeout_s=ami.request_timeout_s, ping_interval_s=ami.ping_interval_s,
         ping_timeout_s=ami.ping_timeout_s, reconnect_max_s=ami.reconnect_max_s, queue_size=ami.queue_size,
+        only_events=TRACKED_EVENTS,
     )
 
 

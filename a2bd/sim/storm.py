@@ -272,6 +272,7 @@ class StormReport:
     live_samples: list[tuple[float, int]]
     verdict: Verdict
     daemon_log: list[str] = field(default_factory=list)  # what the daemon logged (level warning and up)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process during the storm
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.authorize_s for o in self.outcomes if o.authorize_s is not None)
@@ -286,6 +287,8 @@ class StormReport:
             "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
             "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
             "statuses": dict(statuses),
+            **self.cpu,
+            "daemon_cpu_us_per_call": round(self.cpu.get("daemon_cpu_s", 0) * 1e6 / max(len(self.outcomes), 1)),
             "discrepancies": len(self.verdict.discrepancies),
             "daemon_warnings": len(self.daemon_log),
             "verdict": "OK" if self.verdict.ok else "WRONG",
@@ -300,6 +303,16 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc: Linux), 0 when it cannot be read. With the
+    wall-clock figures, what tells a slow daemon from a busy machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -360,8 +373,11 @@ async def run_storm(
             async with asyncio.timeout(20):
                 await sim.wait_logged_in()
             sim.agi = ("127.0.0.1", agi_port)
+            sim_cpu0, daemon_cpu0 = time.process_time(), _cpu_s(daemon.pid)
             outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
             verdict = await _books(pg_url, redis_url, accounts, outcomes, entries, drain_s)
+            cpu = {"daemon_cpu_s": round(_cpu_s(daemon.pid) - daemon_cpu0, 2),
+                   "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2)}
         finally:
             if daemon.returncode is None:
                 daemon.send_signal(signal.SIGTERM)
@@ -374,7 +390,7 @@ async def run_storm(
             log_file.close()
             await sim.close()
             log_lines = log_path.read_text(errors="replace").splitlines()
-    return StormReport(outcomes, started, finished, live, verdict, log_lines)
+    return StormReport(outcomes, started, finished, live, verdict, log_lines, cpu)
 
 
 async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:

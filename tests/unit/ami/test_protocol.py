@@ -428,3 +428,36 @@ def test_any_value_is_one_action_or_refused(value: str) -> None:
     messages = AmiParser(expect_banner=False).feed(data)
     assert len(messages) == 1
     assert messages[0]["CallerID"] == value
+
+
+# -- decoding only the events wanted ----------------------------------------------------------------------
+
+WANTED = frozenset({"DialBegin", "DialEnd", "Hangup", "Cdr"})
+
+
+@pytest.mark.parametrize("capture", CAPTURES, ids=[c.path.name for c in CAPTURES])
+def test_an_event_filter_drops_exactly_the_other_events(capture: Capture) -> None:
+    _, everything = parse_all(capture.received)
+    parser = AmiParser(events=WANTED)
+    kept = []
+    for _, chunk in capture.recv_chunks():
+        kept += parser.feed(chunk)
+    expected = [m for m in everything if not m.is_event or m.event in WANTED or m.action_id is not None]
+    assert kept == expected
+    assert parser.skipped == len(everything) - len(expected)
+
+
+def test_the_filter_keeps_an_unwanted_event_that_answers_an_action() -> None:
+    parser = AmiParser(expect_banner=False, events=WANTED)
+    stream = (b"Event: CoreShowChannel\r\nActionID: a2bd-1\r\nChannel: PJSIP/x\r\n\r\n"
+              b"Event: Newexten\r\nChannel: PJSIP/x\r\n\r\nEvent: Hangup\r\nUniqueid: 1.2\r\n\r\n")
+    assert [m.event for m in parser.feed(stream)] == ["CoreShowChannel", "Hangup"]
+    assert parser.skipped == 1
+
+
+def test_the_daemon_decodes_the_events_its_tracker_reads() -> None:
+    from a2bd.services.lifecycle import TRACKED_EVENTS
+    from a2bd.services.tracker import CallTracker
+
+    tracker = CallTracker("pbx", None, lambda call: None)  # type: ignore[arg-type]  # no store needed to look
+    assert set(tracker._handlers) == TRACKED_EVENTS
