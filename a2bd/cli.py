@@ -203,7 +203,8 @@ class _Subparsers:
 async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.daemon import Daemon  # the daemon pulls in the AGI server; other commands do not need it
 
-    await Daemon(settings).run()
+    # SIGHUP re-reads the same file (and environment) the daemon started from.
+    await Daemon(settings, reload_settings=lambda: load_settings(args.config)).run()
     return 0
 
 

@@ -364,8 +364,8 @@ def test_unit_command_line_is_accepted_by_the_cli() -> None:
     args = build_parser().parse_args(argv[1:])
     assert args.command.__name__ == "cmd_serve"
     assert args.config == Path("/etc/a2bd/a2bd.toml")
-    assert unit["Type"] == ["exec"]
-    assert "ExecReload" not in unit
+    assert unit["Type"] == ["notify"]  # READY=1 and the watchdog come from the daemon (a2bd/systemd.py)
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["User"] == ["a2bd"]
     assert unit["LimitNOFILE"] == ["65536"]
     assert unit["TimeoutStopSec"] == ["30"]
