@@ -151,6 +151,11 @@ class Script:
         return await mux.execute("EVALSHA", self.sha, len(keys), *keys, *args)
 
 
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    """A HGETALL reply as the pipelined connection gives it (field, value, field, value...) as a dict."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 class RedisStore:
     """`client` (redis-py) for everything but the authorization path, which goes through `mux`."""
 
@@ -321,14 +326,16 @@ class RedisStore:
 
     async def credit(self, number: str) -> AccountCredit | None:
         """Balance, credit limit and live call records of one account, read together."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.hmget(account_key(number), ["balance", "credit_limit"])
-        pipe.hgetall(record_key(number))
-        pipe.hgetall(ended_key(number))
-        (balance, limit), records, ended = await self._guard(pipe.execute())
+        # One write on the pipelined connection (the credit guard reads this for every answer and end): a
+        # MULTI block sent whole cannot interleave with other commands on that connection.
+        replies = await self._guard(self.mux.execute_many([
+            ["MULTI"], ["HMGET", account_key(number), "balance", "credit_limit"], ["HGETALL", record_key(number)],
+            ["HGETALL", ended_key(number)], ["EXEC"],
+        ]))
+        (balance, limit), records, ended = replies[-1]
         if balance is None:
             return None
-        return AccountCredit(number, int(balance), int(limit or 0), records, ended)
+        return AccountCredit(number, int(balance), int(limit or 0), _pairs(records), _pairs(ended))
 
     async def live_state(self) -> AsyncIterator[LiveState]:
         """Every account with live reservations or ended calls waiting (for reconciliation: SCAN, not KEYS)."""
