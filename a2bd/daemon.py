@@ -31,6 +31,7 @@ from a2bd import systemd
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.agi.server import AgiServer
+from a2bd.api.health import daemon_health
 from a2bd.api.metrics import start_metrics_server
 from a2bd.config import Settings
 from a2bd.errors import ConfigError
@@ -122,7 +123,9 @@ class Daemon:
         self.agi = AgiServer(s.agi, {"authorize": self.authorizer.handle})
         await self.agi.start()
         if s.metrics.port:
-            self.metrics = await start_metrics_server(s.metrics.host, s.metrics.port)
+            clients = self.lifecycle.clients if self.lifecycle is not None else {}
+            self.metrics = await start_metrics_server(s.metrics.host, s.metrics.port,
+                                                      daemon_health(self.store, self.pool, clients))
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "asyncio" or "uvloop"
         log.info("a2bd serving", agi=f"{s.agi.host}:{self.agi.port}", loop=loop,
                  metrics=f"{s.metrics.host}:{s.metrics.port}" if s.metrics.port else "off")

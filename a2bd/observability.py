@@ -1,9 +1,19 @@
-"""Structured logs and Prometheus metrics: one place that names every metric a2bd exports."""
+"""Structured logs and Prometheus metrics: one place that names every metric a2bd exports.
+
+Metric names follow Prometheus conventions: a Counter named ``a2bd_x`` is exposed as ``a2bd_x_total``
+(prometheus_client adds the suffix), durations are histograms in seconds (``_seconds``). Label values are
+fixed sets (a status, a step, a configured server name), never text that a caller or peer chose.
+
+Logs never carry a secret: `redact_secrets` runs on every line, after the exception is formatted.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -69,31 +79,6 @@ TARIFF_PREFIXES = Gauge("a2bd_tariff_prefixes", "Prefixes held in memory, by tar
 TARIFF_RELOADS = Counter("a2bd_tariff_reloads", "Tariff reloads from PostgreSQL", registry=REGISTRY)
 
 
-def _stderr_logger(*_: object) -> structlog.PrintLogger:
-    # sys.stderr as it is now, not as it was at configuration (a test runner swaps it per test).
-    return structlog.PrintLogger(sys.stderr)
-
-
-def configure_logging(level: str = "info", json: bool = False) -> None:
-    """structlog to stderr: key=value for people, JSON for journald/Loki when `json` is set."""
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=_stderr_logger,
-        # Not cached: a cached logger ignores later configuration, which would blind
-        # structlog.testing.capture_logs() in every test that runs after a CLI test.
-        cache_logger_on_first_use=False,
-    )
-
 # AMI (one client per Asterisk server; `server` is the name given in the settings)
 AMI_CONNECTED = Gauge(
     "a2bd_ami_connected", "1 while logged in to the AMI server, 0 otherwise", ["server"], registry=REGISTRY
@@ -113,3 +98,148 @@ AMI_BACKPRESSURE_WAITS = Counter(
     ["server"],
     registry=REGISTRY,
 )
+
+# Billing scheduler (services/scheduler.py): one pass runs these steps in this order.
+BILLING_STEPS = ("recurring", "invoices", "documents", "mail")
+BILLING_PASSES = Counter(
+    "a2bd_billing_passes",
+    "Billing scheduler passes, by outcome (ran; busy: another daemon held the pass; failed: it could not "
+    "start, PostgreSQL unreachable)",
+    ["outcome"], registry=REGISTRY,
+)
+BILLING_LAST_PASS = Gauge(
+    "a2bd_billing_last_pass_timestamp_seconds", "Unix time the last billing pass that ran ended "
+    "(alert when it is older than a few scheduler intervals)", registry=REGISTRY,
+)
+BILLING_RUNS = Counter(
+    "a2bd_billing_runs",
+    "Billing steps run, by step (recurring, invoices, documents, mail) and outcome (ok; partial: done, but "
+    "some accounts or items failed, see the log; error: the step raised)",
+    ["step", "outcome"], registry=REGISTRY,
+)
+BILLING_STEP_SECONDS = Histogram(
+    "a2bd_billing_step_seconds", "Time one billing step took, by step", ["step"],
+    buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0), registry=REGISTRY,
+)
+INVOICES_ISSUED = Counter("a2bd_invoices_issued", "Invoices the scheduler closed and numbered (confirmed)",
+                          registry=REGISTRY)
+INVOICE_DRAFTS = Counter("a2bd_invoice_drafts", "Invoices the scheduler closed as drafts, waiting for review",
+                         registry=REGISTRY)
+INVOICE_CLOSE_ERRORS = Counter("a2bd_invoice_close_errors", "Accounts whose due invoice the scheduler could not "
+                               "close (retried next pass)", registry=REGISTRY)
+INVOICE_DOCUMENTS = Counter("a2bd_invoice_documents", "Invoice PDFs rendered and stored", registry=REGISTRY)
+RECURRING_ACTIONS = Counter(
+    "a2bd_recurring_actions", "Recurring-charge work done, by action (charged, suspended, reminded, expired)",
+    ["action"], registry=REGISTRY,
+)
+EMAIL_OUTCOMES = ("sent", "deferred", "failed", "no_address")
+EMAILS = Counter(
+    "a2bd_emails", "Customer e-mails, by outcome (sent; deferred: the relay or network failed, retried later; "
+    "failed: given up; no_address: the account has no e-mail address)", ["outcome"], registry=REGISTRY,
+)
+# Every series of a known label set exists from the start, at 0: rate() and alerts see the first increase.
+for _outcome in ("ran", "busy", "failed"):
+    BILLING_PASSES.labels(_outcome)
+for _step in BILLING_STEPS:
+    BILLING_STEP_SECONDS.labels(_step)
+    for _outcome in ("ok", "partial", "error"):
+        BILLING_RUNS.labels(_step, _outcome)
+for _outcome in EMAIL_OUTCOMES:
+    EMAILS.labels(_outcome)
+for _action in ("charged", "suspended", "reminded", "expired"):
+    RECURRING_ACTIONS.labels(_action)
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+
+REDACTED = "***"
+# Keys whose value is a secret whatever it looks like: the PIN a caller keys, the AMI secret, passwords.
+_SECRET_KEYS = frozenset({"pin", "secret", "password", "passwd", "pwd", "passphrase"})
+_SECRET_SUFFIXES = ("_pin", "_secret", "_password", "_passwd")
+# In any text: the password of a URL (postgresql://user:pw@host, redis://:pw@host), and a secret written as
+# a header or assignment (an AMI action's "Secret: ...", a libpq "password=..."). The password runs to the
+# last "@" before the host, so an unescaped "@" in it is hidden too.
+_IN_TEXT = re.compile(
+    r"(?P<url>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)[^\s/?#]*(?=@)"
+    r"|(?P<kv>(?i:\b(?:pin|secret|password|passwd|pwd)\b)\s*[:=]\s*)(?:\"[^\"]*\"|'[^']*'|[^\s,;&]+)"
+)
+
+
+def _hide(match: re.Match[str]) -> str:
+    return (match.group("url") or match.group("kv")) + REDACTED
+
+
+def redact_text(text: str) -> str:
+    """`text` with a URL's password and any ``secret: x`` / ``password=x`` value masked."""
+    return _IN_TEXT.sub(_hide, text)
+
+
+def _is_secret_key(key: str) -> bool:
+    key = key.lower()
+    return key in _SECRET_KEYS or key.endswith(_SECRET_SUFFIXES)
+
+
+def _scrub(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return _IN_TEXT.sub(_hide, value) if ("://" in value or "=" in value or ":" in value) else value
+    if depth > 4:  # a deeply nested value is logged as it is; a2bd logs flat fields and small reports
+        return value
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _is_secret_key(k) else _scrub(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return type(value)(_scrub(v, depth + 1) for v in value)
+    if isinstance(value, bytes | BaseException):
+        # A raw protocol line (ProtocolError carries one) or an exception whose text holds a URL.
+        text = value.decode("latin-1") if isinstance(value, bytes) else repr(value)
+        scrubbed = _IN_TEXT.sub(_hide, text)
+        return value if scrubbed == text else scrubbed
+    return value
+
+
+def redact_secrets(
+    _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: hide secret values before a line is rendered.
+
+    A field named like a secret (``pin``, ``secret``, ``password``, ``*_password``...) is replaced whole; in
+    every other value (strings, and those inside dicts, lists and tuples, bytes, exceptions) a URL's
+    password and a ``secret: x`` / ``password=x`` pair are masked. The event text and a formatted
+    traceback (``exception``) are values like any other.
+    """
+    for key, value in event_dict.items():
+        event_dict[key] = REDACTED if _is_secret_key(key) and value is not None else _scrub(value)
+    return event_dict
+
+
+def _stderr_logger(*_: object) -> structlog.PrintLogger:
+    # sys.stderr as it is now, not as it was at configuration (a test runner swaps it per test).
+    return structlog.PrintLogger(sys.stderr)
+
+
+def log_processors(json: bool = False) -> list[structlog.types.Processor]:
+    """The processor chain every log line goes through, ending with its renderer."""
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    return [
+        # A call's uniqueid, account and server, bound by the task serving it (agi/server.py, authorization.py).
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
+        redact_secrets,  # after format_exc_info: a traceback's text is scrubbed too
+        renderer,
+    ]
+
+
+def configure_logging(level: str = "info", json: bool = False) -> None:
+    """structlog to stderr: key=value for people, JSON for journald/Loki when `json` is set."""
+    structlog.configure(
+        processors=log_processors(json),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=_stderr_logger,
+        # Not cached: a cached logger ignores later configuration, which would blind
+        # structlog.testing.capture_logs() in every test that runs after a CLI test.
+        cache_logger_on_first_use=False,
+    )

@@ -4,6 +4,10 @@ One task per connection: read the environment (bounded in bytes and time), pick 
 ``agi_network_script``, let it run commands, close at once. Anything odd (EOF, an over-long or stalled
 header, garbage, an unknown script, too many connections, a failing handler) ends that one connection
 with a warning line and an ``a2bd_agi_rejected{reason}`` count, and never blocks the loop or other calls.
+
+Each connection's task runs in its own copy of the contextvars: what a session binds with
+``structlog.contextvars.bind_contextvars`` (its uniqueid and peer here, its account and server in the
+handler) is on every log line of that call, and on no other call's.
 """
 
 from __future__ import annotations
@@ -305,6 +309,8 @@ class AgiServer:
             self._reject("unknown_script", peer, script=script[:100], uniqueid=env.uniqueid[:64])
             return
         AGI_SESSIONS.labels(script).inc()
+        # This task's own context (a copy made by create_task in _accept): nothing leaks to other calls.
+        structlog.contextvars.bind_contextvars(uniqueid=env.uniqueid, peer=_show(peer))
         session = AgiSession(env, peer, reader, writer, settings.command_timeout_s, settings.max_env_bytes)
         try:
             await handler(session)

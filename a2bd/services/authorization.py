@@ -6,6 +6,9 @@ refuses to reserve against a version of the account that is no longer current. P
 touched on this path. When Redis cannot answer within redis.timeout_s (bounded by the Redis clients
 themselves) the call fails closed (A2B_STATUS=ERROR), unless the operator set a fail-open limit and
 the account was last seen post-paid.
+
+Every log line of a call carries its ``uniqueid``, ``server`` and ``account`` (structlog contextvars,
+bound in `handle`, which runs in the call's own FastAGI task). The PIN a caller keys is never logged.
 """
 
 from __future__ import annotations
@@ -113,11 +116,15 @@ class Authorizer:
         arguments = env.arguments  # a property that builds its tuple: read it once
         destination = arguments[0] if arguments and arguments[0] else env.extension
         peer = session.peer[0]
-        call_id = call_identity(self._servers.get(peer, peer), env.uniqueid)
+        server = self._servers.get(peer, peer)
+        call_id = call_identity(server, env.uniqueid)
         number = env.accountcode or None
+        # The session's task has its own context (agi/server.py): these stay with this call's log lines.
+        structlog.contextvars.bind_contextvars(uniqueid=env.uniqueid, server=server, account=number)
         try:
             if number is None:
                 number = await self._identify(session)
+                structlog.contextvars.bind_contextvars(account=number)
             decision = (
                 await self.authorize(number, destination, call_id)
                 if number
@@ -137,7 +144,7 @@ class Authorizer:
         _BY_STATUS[decision.status].inc()
         # A refusal is news for the operator; an OK is the usual case and the ledger records the call.
         (log.debug if decision.ok else log.info)(
-            "authorize", call=call_id, account=decision.account, destination=destination,
+            "authorize", call=call_id, account=decision.account or number, destination=destination,
             status=decision.status.value, limit_ms=decision.limit_ms, routes=len(decision.routes),
             reason=decision.reason, ms=round(elapsed * 1000, 3),
         )
@@ -162,9 +169,13 @@ class Authorizer:
             if session.hungup:
                 return None
             # GET DATA returns when the caller has keyed the PIN or after pin_timeout_ms of silence.
-            reply = await session.command("GET", "DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
-                                          str(agi.pin_max_digits),
-                                          timeout_s=agi.pin_timeout_ms / 1000 + agi.command_timeout_s)
+            try:
+                reply = await session.command("GET", "DATA", agi.pin_prompt, str(agi.pin_timeout_ms),
+                                              str(agi.pin_max_digits),
+                                              timeout_s=agi.pin_timeout_ms / 1000 + agi.command_timeout_s)
+            except ProtocolError as exc:
+                # Its raw bytes would be logged, and a malformed reply to GET DATA may hold the keyed PIN.
+                raise ProtocolError(f"{exc.args[0]} (the reply to GET DATA is not shown: it may hold a PIN)") from None
             digits = reply.result or ""
             if digits.isdigit():
                 number = await self.store.number_for_pin(digits)

@@ -17,11 +17,17 @@ Which leg, which events (../shared/asterisk/README.md, seen in every capture):
   its reservation, if any, is released.
 
 Events are handled in order, synchronously; Redis reads and writes they cause run as tracked tasks.
+
+Logs: one task follows every call of the server, so a call's identity cannot be bound to that task's
+context; its lines name it (``call``, ``uniqueid``, ``account``, ``server``). A task spawned for one call runs
+in a context with those bound (structlog contextvars), so whatever logs inside it, the store included, says
+which call it was about.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -179,7 +185,7 @@ class CallTracker:
         call = self.live.get(uniqueid)
         if call is None or call.hangup_ms is not None or call.cdr is not None or call.other_cdr:
             return False
-        log.warning("call ended unseen (AMI events lost); the reconciler settles it", call=call.call_id)
+        log.warning("call ended unseen (AMI events lost); the reconciler settles it", **self._about(call))
         self.discard(uniqueid)
         return True
 
@@ -248,7 +254,7 @@ class CallTracker:
         route = record.route_for(call.answered_dial)
         call.provider = route.provider if route else None
         call.record = record.answered(call.answered_ms, call.channel, call.provider)
-        self._spawn(self._store_answer(call, call.record))
+        self._spawn(self._store_answer(call, call.record), call.uniqueid, call.account)
         if self.on_answered is not None:
             self.on_answered(call)
 
@@ -276,7 +282,7 @@ class CallTracker:
             if not dialled:
                 # Denied, or the caller left before Dial: nothing to bill; free a reservation if one was taken.
                 self._remember_done(uniqueid)
-                self._spawn(self._release(account, self._prefix + uniqueid))
+                self._spawn(self._release(account, self._prefix + uniqueid), uniqueid, account)
                 return
             # A Dial Cdr of a call whose start this tracker missed (reconnect, restart): bill it from the Cdr.
             call = LiveCall(self._prefix + uniqueid, uniqueid, account, msg.get("Channel", ""))
@@ -335,7 +341,7 @@ class CallTracker:
             try:
                 duration_s = int(cdr.get("BillableSeconds", "0"))
             except ValueError:
-                log.error("Cdr with a malformed BillableSeconds; billed from the events", call=call.call_id,
+                log.error("Cdr with a malformed BillableSeconds; billed from the events", **self._about(call),
                           value=cdr.get("BillableSeconds"))
                 duration_s = max(0, (ended_ms - answered_ms) // 1000) if answered_ms is not None else 0
             if call.pre_answered and answered_ms is not None:
@@ -355,14 +361,21 @@ class CallTracker:
 
     # -- Redis side effects ------------------------------------------------------------------------------
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _about(self, call: LiveCall) -> dict[str, str]:
+        """The fields that name a call on a log line written outside its own context."""
+        return {"call": call.call_id, "uniqueid": call.uniqueid, "account": call.account, "server": self.server}
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], uniqueid: str, account: str) -> None:
+        """Run `coro` as a tracked task whose log lines carry the call's uniqueid, account and server."""
+        context = contextvars.copy_context()
+        context.run(structlog.contextvars.bind_contextvars, uniqueid=uniqueid, account=account, server=self.server)
+        task = asyncio.get_running_loop().create_task(coro, context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _fetch(self, call: LiveCall, adopt_answered: bool = False) -> None:
         call.fetching = True
-        self._spawn(self._fetch_record(call, adopt_answered))
+        self._spawn(self._fetch_record(call, adopt_answered), call.uniqueid, call.account)
 
     async def _fetch_record(self, call: LiveCall, adopt_answered: bool) -> None:
         record: CallRecord | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import itertools
 import math
 import os
 import random
@@ -273,6 +274,7 @@ class StormReport:
     verdict: Verdict
     daemon_log: list[str] = field(default_factory=list)  # what the daemon logged (level warning and up)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process during the storm
+    scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the daemon's /metrics, 1/s
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.authorize_s for o in self.outcomes if o.authorize_s is not None)
@@ -303,6 +305,29 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 2)
+
+
+async def _scrape(port: int, into: list[tuple[float, dict[str, float]]], every_s: float = 1.0) -> None:
+    """The daemon's /metrics once a second, as Prometheus would scrape it: (time, sample -> value)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: a2bd\r\n\r\n")
+            async with asyncio.timeout(2):
+                raw = await reader.read(-1)
+            writer.close()
+            body = raw.split(b"\r\n\r\n", 1)[-1].decode()
+            samples: dict[str, float] = {}
+            for family in text_string_to_metric_families(body):
+                for sample in family.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    samples[f"{sample.name}{{{labels}}}"] = sample.value
+            into.append((time.time(), samples))
+        except (OSError, TimeoutError, ValueError):
+            pass  # a missed scrape is a gap in the plot, as in Prometheus
+        await asyncio.sleep(every_s)
 
 
 def _cpu_s(pid: int) -> float:
@@ -352,11 +377,12 @@ async def run_storm(
     secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
     sim = SimAsterisk(username="a2bd", secret=secret, seed=7)
     await sim.start()
-    agi_port = _free_port()
+    agi_port, metrics_port = _free_port(), _free_port()
     with tempfile.TemporaryDirectory(prefix="a2bd-storm-") as tmp:
         config = Path(tmp) / "a2bd.toml"
         config.write_text(
-            f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n[metrics]\nport = 0\n[log]\nlevel = "warning"\n'
+            f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+            f'[log]\nlevel = "warning"\n'
             f'[billing]\nscheduler_interval_s = 0\n'
             f'[[asterisk]]\nname = "storm"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
             f'secret = "{secret}"\n'
@@ -374,7 +400,12 @@ async def run_storm(
                 await sim.wait_logged_in()
             sim.agi = ("127.0.0.1", agi_port)
             sim_cpu0, daemon_cpu0 = time.process_time(), _cpu_s(daemon.pid)
-            outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
+            scrapes: list[tuple[float, dict[str, float]]] = []
+            scraper = asyncio.create_task(_scrape(metrics_port, scrapes))
+            try:
+                outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
+            finally:
+                scraper.cancel()
             verdict = await _books(pg_url, redis_url, accounts, outcomes, entries, drain_s)
             cpu = {"daemon_cpu_s": round(_cpu_s(daemon.pid) - daemon_cpu0, 2),
                    "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2)}
@@ -390,7 +421,7 @@ async def run_storm(
             log_file.close()
             await sim.close()
             log_lines = log_path.read_text(errors="replace").splitlines()
-    return StormReport(outcomes, started, finished, live, verdict, log_lines, cpu)
+    return StormReport(outcomes, started, finished, live, verdict, log_lines, cpu, scrapes)
 
 
 async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:
@@ -518,6 +549,71 @@ def plot(report: StormReport, path: Path) -> None:
 EXPENSIVE = ("8816,Satellite (per second),6.0000,1,1,0,0,0,0,carrier-a,3.0000,1,1,0,10079",)
 
 
+def plot_dashboard(report: StormReport, path: Path) -> None:
+    """The Grafana dashboard's main panels (docs/grafana-dashboard.json), drawn from the daemon's own
+    /metrics scraped each second during the storm: the same series, computed as its queries do."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scrapes = report.scrapes
+    if len(scrapes) < 2:
+        raise InputError("fewer than two scrapes of /metrics: nothing to plot")
+    t0 = scrapes[0][0]
+    times = [t - t0 for t, _ in scrapes[1:]]
+
+    def total(sample: dict[str, float], prefix: str, label: str = "") -> float:
+        return sum(v for k, v in sample.items() if k.startswith(prefix + "{") and label in k)
+
+    def rate(prefix: str, label: str = "") -> list[float]:
+        return [max(0.0, (total(b, prefix, label) - total(a, prefix, label)) / max(tb - ta, 1e-9))
+                for (ta, a), (tb, b) in itertools.pairwise(scrapes)]
+
+    def quantile(q: float) -> list[float]:
+        out = []
+        for (_, a), (_, b) in itertools.pairwise(scrapes):
+            buckets = sorted((float(k.split("le=")[1].split(",")[0].rstrip("}")) if "+Inf" not in k else math.inf,
+                              b[k] - a.get(k, 0.0)) for k in b if k.startswith("a2bd_authorize_seconds_bucket{"))
+            count = buckets[-1][1] if buckets else 0
+            bound = next((le for le, n in buckets if count and n >= q * count), math.nan)
+            out.append(bound * 1000 if math.isfinite(bound) else math.nan)
+        return out
+
+    statuses = sorted({k.split("status=")[1].rstrip("}") for _, s in scrapes for k in s
+                       if k.startswith("a2bd_authorizations_total{")})
+    fig, axes = plt.subplots(3, 2, figsize=(12, 9))
+    ax = axes[0][0]
+    for status in statuses:
+        ax.plot(times, rate("a2bd_authorizations_total", f"status={status}"), label=status)
+    ax.set_title("Authorizations by status (/s)")
+    ax.legend(fontsize=7)
+    ax = axes[0][1]
+    ax.plot(times, quantile(0.5), label="p50 (bucket bound)")
+    ax.plot(times, quantile(0.99), label="p99 (bucket bound)", color="#c62828")
+    ax.set_title("Authorization latency (ms)")
+    ax.legend(fontsize=7)
+    ax = axes[1][0]
+    for state in ("dialling", "answered"):
+        ax.plot(times, [total(s, "a2bd_live_calls", f"state={state}") for _, s in scrapes[1:]], label=state)
+    ax.set_title("Live calls")
+    ax.legend(fontsize=7)
+    axes[1][1].plot(times, rate("a2bd_calls_rated_total"), color="#2e7d32")
+    axes[1][1].set_title("Calls rated into the ledger (/s)")
+    axes[2][0].plot(times, [total(s, "a2bd_ledger_backlog") for _, s in scrapes[1:]], color="#6a1b9a")
+    axes[2][0].set_title("Ledger backlog (calls)")
+    axes[2][1].plot(times, rate("a2bd_guard_hangups_total"), color="#c62828")
+    axes[2][1].set_title("Credit guard hangups (/s)")
+    for row in axes:
+        for a in row:
+            a.set_xlabel("s", fontsize=8)
+            a.tick_params(labelsize=8)
+    fig.suptitle("a2bd dashboard panels during a storm (from the daemon's /metrics, scraped every second)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def load_entries(path: Path = SAMPLE) -> list[RateEntry]:
     with path.open(newline="") as fh:
         lines = [*fh.read().splitlines(), *EXPENSIVE]
@@ -554,6 +650,7 @@ async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | N
         report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url)
         if plot_path is not None:
             plot(report, plot_path)
+            plot_dashboard(report, plot_path.with_name(plot_path.stem + "-dashboard" + plot_path.suffix))
         return report
     finally:
         await store.client.flushdb()

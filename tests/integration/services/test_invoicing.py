@@ -378,7 +378,7 @@ async def test_random_months_invoice_every_line_once_and_chain_their_balances(
 ) -> None:
     await empty_database(pg)
     acct = await account(pg, opening=3_000_000, vat_rate_ppm=vat, tax_mode=tax_mode)
-    for n, op in enumerate(sorted(ops)):
+    for n, op in sorted(enumerate(ops), key=lambda item: (item[1].minute, item[0])):  # by time, stably
         at = OCT + timedelta(minutes=op.minute)
         if op.kind == "close":
             await invoicing.close_accounts(pg, None, ["5550001"], at)
