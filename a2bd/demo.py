@@ -5,7 +5,8 @@ rate card, creates accounts of every kind, starts a simulated Asterisk (AMI) and
 and plays calls as Asterisk would: one of each kind, 50 at once on a small credit, calls followed over AMI
 to their ledger lines, three calls on one small credit cut together by the credit guard, a burst of
 FastAGI authorizations, then a payment and every account's preview closed into an invoice, one rendered to
-PDF. Everything it created in the servers is dropped at the end; the PDF stays in .a2bd-dev/.
+PDF, and last a storm of 600 calls against the daemon as a separate process with its books checked.
+Everything it created in the servers is dropped at the end; the PDF and the plots stay in .a2bd-dev/.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_tariff.cs
 DB = "a2bd_demo"
 REDIS_DB = 13
 DEMO_PDF = Path(".a2bd-dev") / "demo-invoice.pdf"  # kept after the demo, to open
+DEMO_PLOT = Path(".a2bd-dev") / "demo-storm.png"
 ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
     # number, what it is, create_account fields
     ("2000000001", "pre-paid, 10.00", dict(initial_balance_micro=10_000_000, max_calls=20)),
@@ -286,7 +288,29 @@ async def main() -> None:
             client = aioredis.Redis.from_url(redis_url)
             await client.flushdb()
             await client.aclose()
-    print(f"\ndone: the demo database and Redis db were dropped; the invoice PDF stays in {DEMO_PDF}.")
+    await storm()
+    print(f"\ndone: the demo databases and Redis dbs were dropped; the invoice PDF is {DEMO_PDF}, the storm's "
+          f"plots {DEMO_PLOT} and {DEMO_PLOT.with_name(DEMO_PLOT.stem + '-dashboard.png')}.")
+
+
+async def storm() -> None:
+    """`a2bd storm` in small: 600 calls at 100/s on 150 accounts, then the books checked call by call."""
+    from a2bd.sim.storm import StormPlan, storm_main
+
+    print("\n== a storm: 600 calls at 100/s from a simulated Asterisk, against `a2bd serve` as a process ==")
+    plan = StormPlan(rate=100, calls=600, accounts=150, mean_talk_s=4, max_talk_s=12)
+    report = await storm_main(plan, None, DEMO_PLOT)
+    summary = report.summary()
+    rows = [("calls placed", summary["calls"]), ("calls/s reached", summary["calls_per_s"]),
+            ("authorize p50 / p99 / max (ms)",
+             f"{summary['authorize_p50_ms']} / {summary['authorize_p99_ms']} / {summary['authorize_max_ms']}"),
+            ("answered", summary["answered"]), ("cut by the credit guard", summary["cut_by_guard"]),
+            ("cut by the Dial L() limit", summary["cut_by_limit"]),
+            ("answers", ", ".join(f"{k} {v}" for k, v in sorted(summary["statuses"].items()))),
+            ("daemon CPU per call (us)", summary["daemon_cpu_us_per_call"]),
+            ("books (every account, every call)", f"{summary['verdict']}, {summary['discrepancies']} discrepancies")]
+    for label, value in rows:
+        print(f"  {label:<36} {value}")
 
 
 if __name__ == "__main__":
