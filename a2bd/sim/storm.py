@@ -291,6 +291,7 @@ class StormReport:
             "statuses": dict(statuses),
             **self.cpu,
             "daemon_cpu_us_per_call": round(self.cpu.get("daemon_cpu_s", 0) * 1e6 / max(len(self.outcomes), 1)),
+            "live_calls_max": max((n for _, n in self.live_samples), default=0),
             "discrepancies": len(self.verdict.discrepancies),
             "daemon_warnings": len(self.daemon_log),
             "verdict": "OK" if self.verdict.ok else "WRONG",
@@ -328,6 +329,24 @@ async def _scrape(port: int, into: list[tuple[float, dict[str, float]]], every_s
         except (OSError, TimeoutError, ValueError):
             pass  # a missed scrape is a gap in the plot, as in Prometheus
         await asyncio.sleep(every_s)
+
+
+async def _peak_rss(pid: int, peak: list[int]) -> None:
+    """The daemon's largest resident set (KiB) seen, sampled four times a second (/proc: Linux)."""
+    while (kib := _rss_kib(pid)) is not None:
+        peak[0] = max(peak[0], kib)
+        await asyncio.sleep(0.25)
+
+
+def _rss_kib(pid: int) -> int | None:
+    """VmRSS of a process in KiB (a /proc file: no disk I/O), None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def _cpu_s(pid: int) -> float:
@@ -402,13 +421,17 @@ async def run_storm(
             sim_cpu0, daemon_cpu0 = time.process_time(), _cpu_s(daemon.pid)
             scrapes: list[tuple[float, dict[str, float]]] = []
             scraper = asyncio.create_task(_scrape(metrics_port, scrapes))
+            rss: list[int] = [0]
+            watcher = asyncio.create_task(_peak_rss(daemon.pid, rss))
             try:
                 outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
             finally:
                 scraper.cancel()
+                watcher.cancel()
             verdict = await _books(pg_url, redis_url, accounts, outcomes, entries, drain_s)
             cpu = {"daemon_cpu_s": round(_cpu_s(daemon.pid) - daemon_cpu0, 2),
-                   "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2)}
+                   "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2),
+                   "daemon_peak_rss_mib": round(rss[0] / 1024, 1)}
         finally:
             if daemon.returncode is None:
                 daemon.send_signal(signal.SIGTERM)

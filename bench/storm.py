@@ -1,0 +1,150 @@
+"""Storm benchmark: the highest call rate a2bd sustains with its books exact, on this machine.
+
+    .venv/bin/python bench/storm.py [--rates 100,200,300,400,500] [--seconds 20] [--live 10000]
+
+Each rate runs `a2bd storm` (a2bd/sim/storm.py: the simulated Asterisk in this process, `a2bd serve` as a
+separate process, both on this machine's two cores) for --seconds of arrivals, talk times exponential with
+a 3 s mean, 2,000 accounts. A rate is *sustained* when every call is accounted for exactly (verdict OK),
+the calls started on time (>= 95 % of the rate) and every FastAGI session was answered (none timed out).
+Then, beside it in the same run:
+
+  baseline   the same simulator at the highest rate tried, its FastAGI sessions answered by a trivial
+             server in this process (the seven variables a2bd sets, no Redis, no AMI tracking): what the
+             harness itself costs and how fast it can go, a floor for every figure above.
+  half rate  authorization p99 at half the highest sustained rate (the issue's latency target).
+  live       --live concurrent calls held up (long talk times), the daemon's peak RSS.
+
+Targets (issue 5): >= 2,000 calls/s end to end with zero discrepancies; p99 < 10 ms at half that rate;
+daemon RSS < 200 MB with 10,000 live calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from _common import calibrate_ms, percentile, print_machine
+
+from a2bd.sim.ami import CallSpec, SimAsterisk
+from a2bd.sim.storm import StormPlan, storm_main
+
+
+async def storm(rate: float, seconds: float, accounts: int, mean_talk_s: float = 3.0, max_talk_s: float = 8.0,
+                seed: int = 20261123) -> dict[str, Any]:
+    plan = StormPlan(rate=rate, calls=max(1, int(rate * seconds)), accounts=accounts, mean_talk_s=mean_talk_s,
+                     max_talk_s=max_talk_s, seed=seed)
+    report = await storm_main(plan, None, None)
+    summary = report.summary()
+    unanswered = summary["statuses"].get("none", 0)
+    summary["sustained"] = (summary["verdict"] == "OK" and summary["calls_per_s"] >= 0.95 * rate
+                            and unanswered == 0)
+    return summary
+
+
+async def baseline(rate: float, seconds: float) -> dict[str, Any]:
+    """The simulator against a trivial FastAGI server: reads the environment, sets the variables, closes."""
+    async def trivial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\n\n")
+            for name, value in (("CHANNEL(accountcode)", "1"), ("A2B_ACCOUNT", "1"), ("A2B_LIMIT_MS", "60000"),
+                                ("A2B_ROUTES", "1"), ("A2B_ROUTE_1", "PJSIP/1@c"), ("A2B_HANGUPCAUSE", "16"),
+                                ("A2B_STATUS", "OK")):
+                writer.write(f'SET VARIABLE {name} "{value}"\n'.encode())
+                await writer.drain()
+                await reader.readline()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(trivial, "127.0.0.1", 0, backlog=4096)
+    port = server.sockets[0].getsockname()[1]
+    sim = SimAsterisk(username="a2bd", secret=secrets.token_hex(8), seed=1)  # nobody logs in: no AMI here
+    await sim.start()
+    sim.agi = ("127.0.0.1", port)
+    latencies: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        result = await sim.call(CallSpec(extension=f"3361234{i % 10000:04d}", accountcode="1", talk_s=1.0))
+        if result.authorize_s is not None:
+            latencies.append(result.authorize_s)
+
+    cpu0 = time.process_time()
+    start = time.monotonic()
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    started_s = time.monotonic() - start
+    async with asyncio.timeout(120):
+        while tasks:
+            await asyncio.gather(*list(tasks), return_exceptions=True)
+    cpu = time.process_time() - cpu0
+    await sim.close()
+    server.close()
+    latencies.sort()
+    return {"calls": n, "calls_per_s": round(n / started_s, 1),
+            "authorize_p50_ms": round(percentile(latencies, 50) * 1000, 2),
+            "authorize_p99_ms": round(percentile(latencies, 99) * 1000, 2),
+            "simulator_cpu_us_per_call": round(cpu * 1e6 / n)}
+
+
+def row(label: str, s: dict[str, Any]) -> str:
+    return (f"{label:<14} {s['calls']:>6} calls  {s['calls_per_s']:>7}/s  p50 {s['authorize_p50_ms']:>8} ms  "
+            f"p99 {s['authorize_p99_ms']:>8} ms  daemon {s.get('daemon_cpu_us_per_call', '-'):>5} us/call  "
+            f"sim {s.get('simulator_cpu_s', '-')} s  rss {s.get('daemon_peak_rss_mib', '-')} MiB  "
+            f"live max {s.get('live_calls_max', '-')}  verdict {s.get('verdict', '-')} "
+            f"({s.get('discrepancies', '-')} discrepancies)  unanswered {s.get('statuses', {}).get('none', 0)}  "
+            f"{'SUSTAINED' if s.get('sustained') else ''}")
+
+
+async def main(args: argparse.Namespace) -> int:
+    rates = [float(r) for r in args.rates.split(",")]
+    print(f"   calibration loop {calibrate_ms():.1f} ms")
+    results = {}
+    for rate in rates:
+        results[rate] = await storm(rate, args.seconds, args.accounts)
+        print(row(f"rate {rate:g}", results[rate]), flush=True)
+    sustained = [r for r in rates if results[r]["sustained"]]
+    best = max(sustained, default=0.0)
+    base = await baseline(max(rates), args.seconds)
+    print(row(f"baseline {max(rates):g}", base), flush=True)
+    half = None
+    if best:
+        half = await storm(best / 2, args.seconds, args.accounts, seed=7)
+        print(row(f"half {best / 2:g}", half), flush=True)
+    live_rate = max(50.0, min(best or 100.0, 250.0))
+    talk = args.live / live_rate
+    live = await storm(live_rate, talk * 1.2, max(args.accounts, 5000), mean_talk_s=talk, max_talk_s=talk * 1.5)
+    print(row(f"live {args.live}", live), flush=True)
+    print(f"targets   highest sustained rate {best:g} calls/s (>= 2,000): {'MET' if best >= 2000 else 'MISSED'}; "
+          f"p99 at half rate {half['authorize_p99_ms'] if half else '-'} ms (< 10): "
+          f"{'MET' if half and half['authorize_p99_ms'] < 10 and best >= 2000 else 'MISSED'}; "
+          f"peak RSS {live['daemon_peak_rss_mib']} MiB with {live['live_calls_max']} live calls (< 200 MB at 10,000): "
+          f"{'MET' if live['daemon_peak_rss_mib'] < 190.7 and live['live_calls_max'] >= args.live else 'MISSED'}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--rates", default="100,200,300,400,500")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of arrivals per rate")
+    parser.add_argument("--accounts", type=int, default=2000)
+    parser.add_argument("--live", type=int, default=10_000, help="concurrent calls for the memory run")
+    arguments = parser.parse_args()
+    print_machine("bench/storm.py")
+    print(f"   args     --rates {arguments.rates} --seconds {arguments.seconds:g} --accounts {arguments.accounts} "
+          f"--live {arguments.live}")
+    sys.exit(asyncio.run(main(arguments)))
