@@ -114,8 +114,10 @@ def row(label: str, s: dict[str, Any]) -> str:
 async def live_run(count: int, rate: float, accounts: int) -> dict[str, Any]:
     """`count` calls held up at once: post-paid accounts (up to 20 calls each, credit for long calls), every
     call answered, talk times about count / rate seconds."""
-    talk = count / rate
-    return await storm(rate, talk * 1.2, accounts, mean_talk_s=talk, max_talk_s=talk * 1.5, mix=(0, 1, 0, 0),
+    # Exponential talk times of mean m at rate r hold r·m·(1 - e^(-t/m)) calls after t seconds of arrivals:
+    # m = 1.1·count/r and 2.5·m of arrivals reach about `count`.
+    talk = 1.1 * count / rate
+    return await storm(rate, talk * 2.5, accounts, mean_talk_s=talk, max_talk_s=talk * 1.5, mix=(0, 1, 0, 0),
                        answer_ratio=1.0)
 
 
