@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/guard.py
 	$(PY) bench/invoicing.py
 	$(PY) bench/pdf_render.py
+	$(PY) bench/storm.py
 
 clean:
 	rm -rf $(VENV) .a2bd-dev .pytest_cache .mypy_cache .ruff_cache .hypothesis
