@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.config import Settings, load_settings
+from a2bd.domain.invoice import format_rate
 from a2bd.domain.money import format_amount, parse_amount
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.errors import A2bdError, ConfigError, InputError
@@ -557,7 +558,7 @@ def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
         "pin_set": record["pin"] is not None,
         "timezone": record["timezone"],
         "invoice_day": record["invoice_day"],
-        "vat_rate": format_amount(record["vat_rate_ppm"] * 100, places=0) + "%",
+        "vat_rate": format_rate(record["vat_rate_ppm"]),
         "name": record["name"],
         "company": record["company"],
         "email": record["email"],
@@ -593,11 +594,11 @@ def _timezone(name: str) -> str:
     return name
 
 
-def _datetime(text: str) -> datetime:
+def _datetime(text: str, option: str = "--expires") -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise InputError(f"--expires: {text!r} is not an ISO date or date-time") from None
+        raise InputError(f"{option}: {text!r} is not an ISO date or date-time") from None
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 

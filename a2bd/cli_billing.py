@@ -227,13 +227,9 @@ async def cmd_invoice_pdf(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _when(text: str | None, option: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"{option}: {text!r} is not an ISO date or date-time") from None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    from a2bd.cli import _datetime
+
+    return None if text is None else _datetime(text, option)
 
 
 async def cmd_invoice_search(args: argparse.Namespace, settings: Settings) -> int:
@@ -342,12 +338,11 @@ async def cmd_billing_run(args: argparse.Namespace, settings: Settings) -> int:
     from a2bd.services.scheduler import BillingScheduler
 
     pool = await postgres.create_pool(settings.postgres.url, 1, 2)
-    store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
     try:
-        report = await BillingScheduler(pool, store, settings).run_once(datetime.now(UTC))
+        async with _hot_state(settings) as store:
+            report = await BillingScheduler(pool, store, settings).run_once(datetime.now(UTC))
     finally:
         await pool.close()
-        await store.close()
     print(json.dumps(report, indent=2) if args.json else
           ", ".join(f"{key}: {value}" for key, value in report.items() if not isinstance(value, dict)))
     return 0

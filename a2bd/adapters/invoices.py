@@ -30,11 +30,9 @@ class Closed:
     """An invoice made by a close: confirmed (numbered) or a draft waiting for review."""
 
     invoice_id: int
-    account_id: int
     account: str
     status: str
     number: str | None
-    closing_micro: int
     newest_line: asyncpg.Record | None  # the account's newest ledger line when the close posted any
 
 
@@ -64,22 +62,25 @@ async def take_numbers(conn: asyncpg.Connection, issuer_id: int, count: int) -> 
     return int(row["first"]), str(row["prefix"])
 
 
+# An account `a`'s balance carried forward: its last closed invoice's closing balance (0 before the first).
+OPENING = """coalesce((SELECT p.closing_micro FROM invoices p WHERE p.account_id = a.id AND p.status <> 'discarded'
+                 ORDER BY p.id DESC LIMIT 1), 0)"""
+
 # The lock first, alone: a statement that waited for a lock re-reads the locked row but not what its
 # subqueries saw, so what depends on a concurrent close (its invoice) is read by the next statement.
 _LOCK = "SELECT id FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE"
 
 _ACCOUNTS = """
 SELECT a.id, a.number, a.balance_micro, a.invoiced_through_id, coalesce(a.period_start, a.created_at) AS period_start,
-       a.vat_rate_ppm, a.tax_mode, a.currency, a.timezone, a.invoice_day, a.next_close_at, a.email,
+       a.vat_rate_ppm, a.tax_mode, a.currency, a.timezone, a.invoice_day, a.next_close_at,
        a.autorefill, a.initial_balance_micro, a.invoices_enabled, a.reseller_id,
        i.id AS issuer_id, i.mode AS issuer_mode,
        (SELECT d.id FROM invoices d WHERE d.account_id = a.id AND d.status = 'draft') AS draft_id,
-       coalesce((SELECT p.closing_micro FROM invoices p WHERE p.account_id = a.id AND p.status <> 'discarded'
-                 ORDER BY p.id DESC LIMIT 1), 0) AS opening_micro
+       """ + OPENING + """ AS opening_micro
 FROM accounts a LEFT JOIN issuers i ON i.reseller_id IS NOT DISTINCT FROM a.reseller_id
 WHERE a.id = ANY($1::bigint[])
 ORDER BY a.id
-"""
+"""  # noqa: S608 - constant SQL fragments, no input
 
 # Each account's period: its open lines up to, not including, the first one dated at or after the period's
 # end. A line written late but dated inside the period (a call rated from the CDR table a minute after it
@@ -98,14 +99,14 @@ FROM unnest($1::bigint[], $2::bigint[], $3::timestamptz[]) AS r(id, after, until
 # Summed per account, kind and own class first; the classes' rates are joined to those few groups.
 _PERIOD_GROUPS = """
 WITH g AS (
-    SELECT l.account_id, l.kind, l.tax_class, l.tax_rate_ppm, sum(l.amount_micro)::bigint AS amount,
-           sum(l.tax_base_micro)::bigint AS tax_base, count(*)::integer AS n
+    SELECT l.account_id, l.kind, l.tax_class, l.tax_rate_ppm, sum(l.amount_micro)::bigint AS amount_micro,
+           sum(l.tax_base_micro)::bigint AS tax_base_micro, count(*)::integer AS n
     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(id, after, through)
     JOIN ledger l ON l.account_id = r.id AND l.id > r.after AND l.id <= r.through AND l.invoice_id IS NULL
     GROUP BY 1, 2, 3, 4
 )
 SELECT g.account_id, g.kind, coalesce(g.tax_class, k.tax_class) AS tax_class, c.rate_ppm AS class_rate,
-       g.tax_rate_ppm, g.amount, g.tax_base, g.n
+       g.tax_rate_ppm, g.amount_micro, g.tax_base_micro, g.n
 FROM g
 LEFT JOIN kind_tax_classes k ON k.kind = g.kind
 LEFT JOIN tax_classes c ON c.name = coalesce(g.tax_class, k.tax_class)
@@ -148,20 +149,18 @@ WHERE a.id = m.id
 """
 
 
-def _line_rate(row: asyncpg.Record, vat_rate_ppm: int) -> int | None:
-    if row["tax_class"] is None:
-        return None
-    return int(row["class_rate"]) if row["class_rate"] is not None else vat_rate_ppm
-
-
-def _totals(rows: Sequence[asyncpg.Record], account: asyncpg.Record) -> tuple[PeriodTotals, list[TaxRow]]:
-    """The period's totals, and the tax rows the invoice shows: charged now, or collected at payment."""
-    taxed_here = account["tax_mode"] == "invoice"
-    lines = [
-        PeriodLine(r["kind"], int(r["amount"]), r["tax_class"] if r["kind"] != "tax" else None,
-                   _line_rate(r, account["vat_rate_ppm"]) if r["kind"] != "tax" else None, r["n"])
-        for r in rows
-    ]
+def period_taxes(rows: Sequence[asyncpg.Record], tax_mode: str, vat_rate_ppm: int) -> tuple[PeriodTotals, list[TaxRow]]:
+    """A period's totals, and the tax rows its invoice shows: charged by the invoice, or (an account taxed
+    at payment) collected by its tax lines. `rows`: ledger lines, or sums of them (`n` lines each), with
+    kind, effective tax_class, the class's rate (class_rate), tax_rate_ppm, amount_micro, tax_base_micro.
+    The close and the preview both use it, so a preview shows what its close will charge."""
+    taxed_here = tax_mode == "invoice"
+    lines = []
+    for r in rows:
+        taxable = r["kind"] != "tax" and r["tax_class"] is not None
+        rate = (int(r["class_rate"]) if r["class_rate"] is not None else vat_rate_ppm) if taxable else None
+        lines.append(PeriodLine(r["kind"], int(r["amount_micro"]), r["tax_class"] if taxable else None, rate,
+                                r.get("n", 1)))
     totals = period_totals(lines, taxed_here=taxed_here)
     if taxed_here:
         return totals, list(totals.taxes)
@@ -170,7 +169,7 @@ def _totals(rows: Sequence[asyncpg.Record], account: asyncpg.Record) -> tuple[Pe
         if r["kind"] == "tax":
             key = (r["tax_class"] or "standard", int(r["tax_rate_ppm"]))
             net, tax = collected.get(key, (0, 0))
-            collected[key] = (net + int(r["tax_base"] or 0), tax - int(r["amount"]))
+            collected[key] = (net + int(r["tax_base_micro"] or 0), tax - int(r["amount_micro"]))
     return totals, [TaxRow(c, rate, net, tax) for (c, rate), (net, tax) in sorted(collected.items())]
 
 
@@ -239,9 +238,9 @@ async def close_periods(
             "lines", "tax", "closing", "net", "payments", "count", "currency", "tz", "confirmed")}
         tax_rows: dict[int, list[TaxRow]] = {}
         charged: dict[int, list[TaxRow]] = {}
-        made: dict[int, tuple[str, str | None, int]] = {}  # account -> (status, number, closing)
+        number_of: dict[int, str | None] = {}  # account -> its invoice's number (None: a draft)
         for acct, end in with_lines:
-            totals, shown = _totals(groups.get(acct["id"], []), acct)
+            totals, shown = period_taxes(groups.get(acct["id"], []), acct["tax_mode"], acct["vat_rate_ppm"])
             confirm = acct["issuer_mode"] == "confirm"
             seq = number = None
             if confirm:
@@ -260,7 +259,7 @@ async def close_periods(
             ):
                 cols[key].append(value)
             tax_rows[acct["id"]] = shown
-            made[acct["id"]] = (cols["status"][-1], number, cols["closing"][-1])
+            number_of[acct["id"]] = number
             if confirm:
                 charged[acct["id"]] = list(totals.taxes)
 
@@ -277,12 +276,9 @@ async def close_periods(
         balances = {a["id"]: a["balance_micro"] for a, _ in ready}
         new_lines: list[tuple[int, str, int, int, str, str | None, int | None, int | None, int | None]] = []
         for acct, _ in with_lines:
-            for t in charged.get(acct["id"], []):
-                if t.tax_micro:
-                    balances[acct["id"]] -= t.tax_micro
-                    new_lines.append((acct["id"], "tax", -t.tax_micro, balances[acct["id"]],
-                                      f"VAT {format_rate(t.rate_ppm)} on {t.tax_class}", t.tax_class,
-                                      invoice_of[acct["id"]], t.rate_ppm, t.net_micro))
+            lines, balances[acct["id"]] = _tax_lines(acct["id"], balances[acct["id"]], invoice_of[acct["id"]],
+                                                     charged.get(acct["id"], []))
+            new_lines += lines
         for acct, _ in with_lines:
             short = acct["initial_balance_micro"] - balances[acct["id"]]
             if acct["autorefill"] and short > 0:
@@ -309,9 +305,9 @@ async def close_periods(
             await postgres.note_low_credit(conn, list(newest))
 
         for acct, _ in with_lines:
-            status, number, closing = made[acct["id"]]
-            report.closed.append(Closed(invoice_of[acct["id"]], acct["id"], acct["number"], status, number, closing,
-                                        newest.get(acct["id"])))
+            number = number_of[acct["id"]]
+            status = "draft" if number is None else "confirmed"
+            report.closed.append(Closed(invoice_of[acct["id"]], acct["number"], status, number, newest.get(acct["id"])))
         report.empty = [a["number"] for a, _ in ready if a["id"] not in invoice_of]
     return report
 
@@ -333,53 +329,58 @@ async def _notify_issued(conn: asyncpg.Connection, invoice_ids: Sequence[int]) -
         )
 
 
+def _tax_lines(account_id: int, balance: int, invoice_id: int, taxes: Sequence[TaxRow]
+               ) -> tuple[list[tuple[Any, ...]], int]:
+    """The tax lines an invoice posts (for _INSERT_LINES), chained from `balance`; and the balance after."""
+    lines = []
+    for t in taxes:
+        if t.tax_micro:
+            balance -= t.tax_micro
+            lines.append((account_id, "tax", -t.tax_micro, balance, f"VAT {format_rate(t.rate_ppm)} on {t.tax_class}",
+                          t.tax_class, invoice_id, t.rate_ppm, t.net_micro))
+    return lines, balance
+
+
+async def _lock_draft(conn: asyncpg.Connection, invoice_id: int, refusal: str) -> tuple[asyncpg.Record, asyncpg.Record]:
+    """The draft and its account, locked (account first, as every posting locks it); `refusal` completes the
+    message when the invoice is no longer a draft."""
+    account_id = await conn.fetchval("SELECT account_id FROM invoices WHERE id = $1", invoice_id)
+    if account_id is None:
+        raise InputError(f"invoice {invoice_id} does not exist")
+    acct = await conn.fetchrow("SELECT id, number, balance_micro FROM accounts WHERE id = $1 FOR UPDATE", account_id)
+    inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
+    if inv["status"] != "draft":
+        raise InputError(f"invoice {invoice_id} is {inv['status']}{refusal}")
+    return acct, inv
+
+
 async def confirm(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> Closed:
     """Number a draft, post the tax it charges, and make it final."""
     async with conn.transaction():
-        account_id = await conn.fetchval("SELECT account_id FROM invoices WHERE id = $1", invoice_id)
-        if account_id is None:
-            raise InputError(f"invoice {invoice_id} does not exist")
-        acct = await conn.fetchrow("SELECT id, number, balance_micro, tax_mode FROM accounts WHERE id = $1 FOR UPDATE",
-                                   account_id)
-        inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
-        if inv["status"] != "draft":
-            raise InputError(f"invoice {invoice_id} is {inv['status']}, not a draft")
+        acct, inv = await _lock_draft(conn, invoice_id, ", not a draft")
         seq, prefix = await take_numbers(conn, inv["issuer_id"], 1)
         number = invoice_number(prefix, seq)
         newest = None
         if inv["tax_micro"]:
-            rows = await conn.fetch("SELECT * FROM invoice_taxes WHERE invoice_id = $1 ORDER BY tax_class, rate_ppm",
-                                    invoice_id)
-            balance = acct["balance_micro"]
-            lines = []
-            for t in rows:
-                if t["tax_micro"]:
-                    balance -= t["tax_micro"]
-                    lines.append((account_id, "tax", -t["tax_micro"], balance,
-                                  f"VAT {format_rate(t['rate_ppm'])} on {t['tax_class']}", t["tax_class"], invoice_id,
-                                  t["rate_ppm"], t["net_micro"]))
+            taxes = [TaxRow(t["tax_class"], t["rate_ppm"], t["net_micro"], t["tax_micro"]) for t in await conn.fetch(
+                "SELECT * FROM invoice_taxes WHERE invoice_id = $1 ORDER BY tax_class, rate_ppm", invoice_id)]
+            lines, _ = _tax_lines(acct["id"], acct["balance_micro"], invoice_id, taxes)
             written = await conn.fetch(_INSERT_LINES, *_columns(lines, 9))
             newest = written[-1] if written else None
         await conn.execute("UPDATE invoices SET status = 'confirmed', number = $2, seq = $3, confirmed_at = $4"
                            " WHERE id = $1", invoice_id, number, seq, now)
         await _notify_issued(conn, [invoice_id])
-    return Closed(invoice_id, account_id, acct["number"], "confirmed", number, inv["closing_micro"], newest)
+    return Closed(invoice_id, acct["number"], "confirmed", number, newest)
 
 
 async def discard(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> None:
     """Drop a draft: its lines go back to the account's preview."""
     async with conn.transaction():
-        account_id = await conn.fetchval("SELECT account_id FROM invoices WHERE id = $1", invoice_id)
-        if account_id is None:
-            raise InputError(f"invoice {invoice_id} does not exist")
-        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id)
-        inv = await conn.fetchrow("SELECT * FROM invoices WHERE id = $1 FOR UPDATE", invoice_id)
-        if inv["status"] != "draft":
-            raise InputError(f"invoice {invoice_id} is {inv['status']}: only a draft can be discarded")
+        acct, inv = await _lock_draft(conn, invoice_id, ": only a draft can be discarded")
         await conn.execute("UPDATE invoices SET status = 'discarded', discarded_at = $2 WHERE id = $1",
                            invoice_id, now)
         await conn.execute("UPDATE accounts SET invoiced_through_id = $2, period_start = $3 WHERE id = $1",
-                           account_id, inv["from_line_id"], inv["period_start"])
+                           acct["id"], inv["from_line_id"], inv["period_start"])
 
 
 async def due_accounts(conn: asyncpg.Connection, now: datetime, limit: int,

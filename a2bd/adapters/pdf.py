@@ -39,6 +39,7 @@ from reportlab.lib.pagesizes import A4  # type: ignore[import-untyped]
 from reportlab.pdfbase import pdfmetrics  # type: ignore[import-untyped]
 from reportlab.pdfgen.canvas import Canvas  # type: ignore[import-untyped]
 
+from a2bd.domain.invoice import format_rate
 from a2bd.domain.money import format_amount
 from a2bd.domain.statement import InvoiceDocument, Party
 
@@ -266,13 +267,6 @@ def _duration(seconds: int) -> str:
     """Minutes and seconds, "1093:05"."""
     minutes, rest = divmod(abs(seconds), 60)
     return f"{'-' if seconds < 0 else ''}{minutes}:{rest:02d}"
-
-
-def _rate(rate_ppm: int) -> str:
-    """A tax rate from parts per million: 200_000 -> "20%", 55_000 -> "5.5%"."""
-    whole, frac = divmod(abs(rate_ppm), 10_000)
-    digits = f"{frac:04d}".rstrip("0")
-    return f"{'-' if rate_ppm < 0 else ''}{whole}{'.' + digits if digits else ''}%"
 
 
 def _title(doc: InvoiceDocument) -> str:
@@ -576,7 +570,7 @@ class _Layout:
             _Column(f"Net ({doc.currency})", _LEFT + 390, "r", 95),
             _Column(f"Tax ({doc.currency})", _AMOUNT_X, "r", 95),
         )
-        rows = [_Row((t.label, _rate(t.rate_ppm), _money(t.net_micro), _money(t.tax_micro))) for t in doc.taxes]
+        rows = [_Row((t.label, format_rate(t.rate_ppm), _money(t.net_micro), _money(t.tax_micro))) for t in doc.taxes]
         if rows:
             total = ("Total", "", _money(sum(t.net_micro for t in doc.taxes)), _money(doc.tax_micro))
             rows.append(_Row(total, "total"))

@@ -314,13 +314,13 @@ async def all_accounts(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 
 # For loading Redis: each balance with the id of the newest line it includes and today's (UTC) billed
 # seconds, read in one statement so all three come from the same snapshot.
-_SYNC_ACCOUNTS = _ACCOUNT_SELECT.replace(  # noqa: S608 - constant text, no input
+_SYNC_ACCOUNTS = _ACCOUNT_SELECT.replace(
     " FROM accounts a",
     ", coalesce((SELECT max(l.id) FROM ledger l WHERE l.account_id = a.id), 0) AS last_line_id,"
     " coalesce((SELECT sum(l.seconds) FROM ledger l WHERE l.account_id = a.id AND l.kind = 'call'"
     " AND l.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0) AS today_s"
     " FROM accounts a",
-) + " ORDER BY a.id"
+)
 _SYNC_PROVIDERS = (
     "SELECT p.*, coalesce((SELECT max(l.id) FROM ledger l WHERE l.provider_id = p.id), 0) AS last_line_id,"
     " coalesce((SELECT sum(l.seconds) FROM ledger l WHERE l.provider_id = p.id AND l.kind = 'call'"
@@ -329,8 +329,11 @@ _SYNC_PROVIDERS = (
 )
 
 
-async def accounts_for_sync(conn: asyncpg.Connection) -> list[asyncpg.Record]:
-    return list(await conn.fetch(_SYNC_ACCOUNTS))
+async def accounts_for_sync(conn: asyncpg.Connection, ids: Sequence[int] | None = None) -> list[asyncpg.Record]:
+    """What `RedisStore.put_accounts` needs, from one snapshot: every account, or those of `ids`."""
+    if ids is None:
+        return list(await conn.fetch(_SYNC_ACCOUNTS + " ORDER BY a.id"))
+    return list(await conn.fetch(_SYNC_ACCOUNTS + " WHERE a.id = ANY($1::bigint[]) ORDER BY a.id", list(ids)))
 
 
 async def providers_for_sync(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -370,7 +373,6 @@ async def post(
     conn: asyncpg.Connection, *, kind: str, amount_micro: int = 0, account_id: int | None = None,
     provider_id: int | None = None, provider_amount_micro: int = 0, call_id: str | None = None,
     description: str = "", at: datetime | None = None, tax_class: str | None = None,
-    service_id: int | None = None,
 ) -> asyncpg.Record:
     """Append one ledger line and return it (with its balance_after). `amount_micro` moves the account's
     balance, `provider_amount_micro` the provider's (what we owe the carrier)."""
@@ -388,11 +390,10 @@ async def post(
             provider_after = balance + provider_amount_micro
         row: asyncpg.Record = await conn.fetchrow(
             "INSERT INTO ledger (account_id, provider_id, kind, amount_micro, provider_amount_micro,"
-            " balance_after_micro, provider_balance_after_micro, call_id, description, created_at, tax_class,"
-            " service_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now()), $11, $12) RETURNING *",
+            " balance_after_micro, provider_balance_after_micro, call_id, description, created_at, tax_class)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now()), $11) RETURNING *",
             account_id, provider_id, kind, amount_micro, provider_amount_micro, balance_after, provider_after,
-            call_id, description, at, tax_class, service_id,
+            call_id, description, at, tax_class,
         )
         await note_low_credit(conn, [account_id] if account_id is not None else [])
     return row

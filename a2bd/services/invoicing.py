@@ -9,7 +9,7 @@ accounts close, keeps Redis in step afterwards (tax lines and autorefills move b
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
@@ -19,8 +19,9 @@ import structlog
 
 from a2bd.adapters import invoices
 from a2bd.adapters.redis_store import RedisStore
+from a2bd.domain import invoice as invoice_maths
 from a2bd.domain.calls import destination_name
-from a2bd.domain.invoice import CREDIT_KINDS, OPENING_KINDS, PeriodLine, format_rate, period_totals
+from a2bd.domain.invoice import CREDIT_KINDS, OPENING_KINDS, format_rate
 from a2bd.domain.statement import CallSummary, InvoiceDocument, LineGroup, Party, StatementLine, TaxRow
 from a2bd.errors import InputError
 from a2bd.services.posting import tell_redis
@@ -38,18 +39,20 @@ GROUP_TITLES = {
 
 @dataclass(slots=True)
 class RunReport:
-    closed: int = 0
     drafts: int = 0
     empty: int = 0
     errors: dict[str, str] = field(default_factory=dict)
-    numbers: list[str] = field(default_factory=list)
+    numbers: list[str] = field(default_factory=list)  # of the invoices issued (confirmed), in order
+
+    @property
+    def closed(self) -> int:
+        """Invoices issued (numbered)."""
+        return len(self.numbers)
 
     def add(self, part: invoices.CloseReport) -> None:
         for c in part.closed:
-            if c.status == "confirmed":
-                self.closed += 1
-                if c.number:
-                    self.numbers.append(c.number)
+            if c.number is not None:
+                self.numbers.append(c.number)
             else:
                 self.drafts += 1
         self.empty += len(part.empty)
@@ -166,7 +169,7 @@ async def discard(conn: asyncpg.Connection, invoice_id: int, now: datetime) -> N
 # -- documents --------------------------------------------------------------------------------------
 
 _STATEMENT_LINES = """
-SELECT l.id, l.kind, l.amount_micro, l.description, l.destination, l.seconds, l.created_at, l.tax_class AS own_class,
+SELECT l.id, l.kind, l.amount_micro, l.description, l.destination, l.seconds, l.created_at,
        coalesce(l.tax_class, k.tax_class) AS tax_class, c.rate_ppm AS class_rate, l.tax_rate_ppm, l.tax_base_micro
 FROM ledger l
 LEFT JOIN kind_tax_classes k ON k.kind = l.kind
@@ -176,7 +179,8 @@ ORDER BY l.id
 """
 
 _ACCOUNT = """
-SELECT a.*, i.name AS issuer_name, i.company AS issuer_company, i.address AS issuer_address,
+SELECT a.*, """ + invoices.OPENING + """ AS opening_micro,
+       i.name AS issuer_name, i.company AS issuer_company, i.address AS issuer_address,
        i.vat_number AS issuer_vat, i.email AS issuer_email, i.mode AS issuer_mode
 FROM accounts a LEFT JOIN issuers i ON i.reseller_id IS NOT DISTINCT FROM a.reseller_id
 WHERE a.{key} = $1
@@ -236,8 +240,8 @@ def _document(
     )
 
 
-def _tax_rows(rows: Sequence[tuple[str, int, int, int]]) -> list[TaxRow]:
-    return [TaxRow(_label(c, rate), rate, net, tax) for c, rate, net, tax in rows]
+def _tax_rows(rows: Iterable[invoice_maths.TaxRow]) -> list[TaxRow]:
+    return [TaxRow(_label(t.tax_class, t.rate_ppm), t.rate_ppm, t.net_micro, t.tax_micro) for t in rows]
 
 
 def _label(tax_class: str, rate_ppm: int) -> str:
@@ -257,11 +261,12 @@ async def invoice_document(conn: asyncpg.Connection, invoice_id: int) -> Invoice
                              invoice_id)
     tz = ZoneInfo(inv["timezone"])
     issued = (inv["confirmed_at"] or inv["created_at"]).astimezone(tz).date()
-    status = "confirmed" if inv["status"] == "confirmed" else "draft"
+    status = inv["status"]  # confirmed or draft (a discarded one was refused above)
     return _document(acct, lines, status=status, number=inv["number"], issued_on=issued,
                      period_start=inv["period_start"], period_end=inv["period_end"],
                      opening_micro=inv["opening_micro"], timezone=inv["timezone"], currency=inv["currency"],
-                     taxes=_tax_rows([(t["tax_class"], t["rate_ppm"], t["net_micro"], t["tax_micro"]) for t in taxes]))
+                     taxes=_tax_rows(invoice_maths.TaxRow(t["tax_class"], t["rate_ppm"], t["net_micro"],
+                                                          t["tax_micro"]) for t in taxes))
 
 
 async def preview(conn: asyncpg.Connection, number: str, now: datetime) -> InvoiceDocument:
@@ -270,37 +275,12 @@ async def preview(conn: asyncpg.Connection, number: str, now: datetime) -> Invoi
     acct = await conn.fetchrow(_ACCOUNT.format(key="number"), number)
     if acct is None:
         raise InputError(f"account {number} does not exist")
-    opening = await conn.fetchval(
-        "SELECT closing_micro FROM invoices WHERE account_id = $1 AND status <> 'discarded' ORDER BY id DESC LIMIT 1",
-        acct["id"]) or 0
     lines = await conn.fetch(_STATEMENT_LINES, acct["id"], acct["invoiced_through_id"], 1 << 62, None)
-    taxed_here = acct["tax_mode"] == "invoice"
-    period = [
-        PeriodLine(r["kind"], r["amount_micro"], r["tax_class"] if r["kind"] != "tax" else None,
-                   (r["class_rate"] if r["class_rate"] is not None else acct["vat_rate_ppm"])
-                   if r["tax_class"] is not None and r["kind"] != "tax" else None)
-        for r in lines
-    ]
-    totals = period_totals(period, taxed_here=taxed_here)
-    if taxed_here:
-        taxes = [(t.tax_class, t.rate_ppm, t.net_micro, t.tax_micro) for t in totals.taxes]
-    else:
-        taxes = _collected(lines)
+    _, taxes = invoices.period_taxes(lines, acct["tax_mode"], acct["vat_rate_ppm"])
     start = acct["period_start"] or acct["created_at"]
     return _document(acct, lines, status="preview", number=None, issued_on=now.astimezone(ZoneInfo(acct["timezone"]))
-                     .date(), period_start=start, period_end=max(now, start), opening_micro=opening,
+                     .date(), period_start=start, period_end=max(now, start), opening_micro=acct["opening_micro"],
                      taxes=_tax_rows(taxes), timezone=acct["timezone"], currency=acct["currency"])
-
-
-def _collected(lines: Sequence[asyncpg.Record]) -> list[tuple[str, int, int, int]]:
-    """Tax rows of an account taxed at payment: what its tax lines collected, per class and rate."""
-    rows: dict[tuple[str, int], list[int]] = {}
-    for r in lines:
-        if r["kind"] == "tax":
-            row = rows.setdefault((r["own_class"] or "standard", r["tax_rate_ppm"]), [0, 0])
-            row[0] += r["tax_base_micro"]
-            row[1] -= r["amount_micro"]
-    return [(c, rate, net, tax) for (c, rate), (net, tax) in sorted(rows.items())]
 
 
 async def store_documents(conn: asyncpg.Connection, render: Callable[[InvoiceDocument], bytes],
@@ -313,8 +293,8 @@ async def store_documents(conn: asyncpg.Connection, render: Callable[[InvoiceDoc
         " AND NOT EXISTS (SELECT 1 FROM invoice_documents d WHERE d.invoice_id = i.id) ORDER BY i.id LIMIT $1",
         limit, list(skip))]
     for invoice_id in ids:
-        try:
-            await store_document(conn, invoice_id, render)
+        try:  # chosen above: confirmed and without a document
+            await _keep(conn, invoice_id, render(await invoice_document(conn, invoice_id)))
         except Exception:  # one document that cannot be made must not hold back the others (nor their e-mail)
             log.exception("invoice document not made; will try again next pass", invoice_id=invoice_id)
             skip.add(invoice_id)
@@ -330,7 +310,10 @@ async def store_document(conn: asyncpg.Connection, invoice_id: int,
     doc = await invoice_document(conn, invoice_id)
     if doc.status != "confirmed":
         raise InputError(f"invoice {invoice_id} is a draft: confirm it before it gets its document")
-    pdf = render(doc)
+    return await _keep(conn, invoice_id, render(doc))
+
+
+async def _keep(conn: asyncpg.Connection, invoice_id: int, pdf: bytes) -> bytes:
     await conn.execute(
         "INSERT INTO invoice_documents (invoice_id, pdf, sha256) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         invoice_id, pdf, hashlib.sha256(pdf).hexdigest())

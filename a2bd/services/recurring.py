@@ -449,20 +449,6 @@ WHERE a.status = 'active' AND a.expires_at <= $1
                   AND (n.detail->>'expires_at')::timestamptz = a.expires_at)
 ORDER BY a.id
 """
-# postgres.accounts_for_sync, for some accounts: what `RedisStore.put_accounts` needs, from one snapshot.
-ACCOUNTS_FOR_SYNC_BY_ID = """
-SELECT a.*, t.name AS tariff,
-       coalesce(array(SELECT callerid FROM account_callerids c WHERE c.account_id = a.id ORDER BY callerid), '{}')
-           AS callerids,
-       coalesce((SELECT max(l.id) FROM ledger l WHERE l.account_id = a.id), 0) AS last_line_id,
-       coalesce((SELECT sum(l.seconds) FROM ledger l WHERE l.account_id = a.id AND l.kind = 'call'
-                 AND l.created_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'), 0) AS today_s
-FROM accounts a JOIN tariffs t ON t.id = a.tariff_id
-WHERE a.id = ANY($1::bigint[])
-ORDER BY a.id
-"""
-
-
 async def _expire(db: asyncpg.Connection | asyncpg.Pool, store: RedisStore | None, now: datetime,
                   report: RecurringReport) -> None:
     try:
@@ -488,7 +474,7 @@ async def _expire(db: asyncpg.Connection | asyncpg.Pool, store: RedisStore | Non
                         "expires_at": a["expires_at"].astimezone(UTC).isoformat(), "expiry_mode": a["expiry_mode"]})
                     report.expired += 1
             report.expiry_set += len(changed)
-            fresh = [dict(r) for r in await conn.fetch(ACCOUNTS_FOR_SYNC_BY_ID, changed)] if changed and store else []
+            fresh = [dict(r) for r in await postgres.accounts_for_sync(conn, changed)] if changed and store else []
     except Exception as exc:  # the renewals are done; report and let the next run try the expiry again
         log.exception("expiry pass failed")
         report.errors.append(RecurringError(None, f"expiry not updated: {exc}"))

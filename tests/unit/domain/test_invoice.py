@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from zoneinfo import ZoneInfo
 
@@ -22,7 +22,6 @@ from a2bd.domain.invoice import (
     tax_in_gross,
     tax_on_net,
 )
-from a2bd.domain.recurring import day_start
 
 
 @pytest.mark.parametrize(("net", "rate", "tax"), [
@@ -121,14 +120,6 @@ AUCKLAND, LOS_ANGELES = ZoneInfo("Pacific/Auckland"), ZoneInfo("America/Los_Ange
 def test_close_after_is_the_next_local_midnight_of_the_invoice_day(after: datetime, day: int, tz: str,
                                                                    expected: datetime) -> None:
     assert close_after(after, day, tz) == expected
-
-
-def test_a_midnight_skipped_by_daylight_saving_starts_the_day_at_the_jump() -> None:
-    # America/Santiago springs forward at 24:00 on 5 September 2026: 6 September starts at 01:00 local.
-    santiago = ZoneInfo("America/Santiago")
-    start = day_start(date(2026, 9, 6), santiago)
-    assert start.astimezone(santiago).date() == date(2026, 9, 6)
-    assert (start - timedelta(microseconds=1)).astimezone(santiago).date() == date(2026, 9, 5)
 
 
 @given(st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2060, 1, 1), timezones=st.just(UTC)),
