@@ -19,7 +19,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -34,7 +33,7 @@ from a2bd.config import (
     Settings,
 )
 from a2bd.daemon import Daemon
-from a2bd.devservers import find_servers
+from a2bd.devservers import find_servers, with_database, with_redis_db
 from a2bd.domain.money import format_amount
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import SellRate
@@ -65,16 +64,6 @@ ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
 # A destination priced so that credit runs out in seconds: 6.00 a minute, per second (0.10 a second).
 FAST = RateEntry("999", "Demo premium line", SellRate(rate_per_min_micro=6_000_000), "carrier-a", BuyRate(3_000_000))
 AMI_SECRET = "demo-secret"  # noqa: S105 - the simulated Asterisk of the demo, on loopback
-
-
-def _database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
-def _redis_db(url: str, db: int) -> str:
-    if url.startswith("unix://"):
-        return url  # an embedded Redis is ours alone
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
 async def setup(pg_url: str) -> None:
@@ -255,8 +244,8 @@ async def main() -> None:
     admin = await asyncpg.connect(servers.pg_url)
     await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
     await admin.execute(f"CREATE DATABASE {DB}")
-    pg_url = _database(servers.pg_url, DB)
-    redis_url = _redis_db(servers.redis_url, REDIS_DB)
+    pg_url = with_database(servers.pg_url, DB)
+    redis_url = with_redis_db(servers.redis_url, REDIS_DB)
     sim = SimAsterisk(username="a2bd", secret=AMI_SECRET)
     await sim.start()
     settings = Settings(
@@ -289,8 +278,10 @@ async def main() -> None:
             await client.flushdb()
             await client.aclose()
     await storm()
+    from a2bd.sim.storm import dashboard_path
+
     print(f"\ndone: the demo databases and Redis dbs were dropped; the invoice PDF is {DEMO_PDF}, the storm's "
-          f"plots {DEMO_PLOT} and {DEMO_PLOT.with_name(DEMO_PLOT.stem + '-dashboard.png')}.")
+          f"plots {DEMO_PLOT} and {dashboard_path(DEMO_PLOT)}.")
 
 
 async def storm() -> None:

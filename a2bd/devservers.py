@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 STATE_DIR = Path(os.environ.get("A2BD_DEV_DIR", Path.cwd() / ".a2bd-dev"))
 
@@ -100,3 +100,17 @@ if __name__ == "__main__":
     servers = find_servers()
     print(f"export A2BD_PG_URL={servers.pg_url}  # {servers.how['postgres']}")
     print(f"export A2BD_REDIS_URL={servers.redis_url}  # {servers.how['redis']}")
+
+
+def with_database(url: str, name: str) -> str:
+    """A PostgreSQL URL naming another database on the same server."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+def with_redis_db(url: str, db: int) -> str:
+    """A Redis URL naming another logical database: the path of redis://, the `db=` query of unix://."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = "&".join([p for p in parts.query.split("&") if p and not p.startswith("db=")] + [f"db={db}"])
+        return urlunsplit(parts._replace(query=query))
+    return urlunsplit(parts._replace(path=f"/{db}"))

@@ -43,6 +43,7 @@ from redis.retry import Retry
 
 from a2bd.adapters.redis_store import account_key, callerid_key
 from a2bd.contract import Status
+from a2bd.domain.money import MICRO
 
 # Sounds (paths under Asterisk's sounds directory, without extension).
 PROMPT_BALANCE = "a2b/your-balance-is"
@@ -58,7 +59,6 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_TIMEOUT_S = 1.0  # per connect and per command: the caller waits in silence meanwhile
 VERBOSE_LEVEL = 1
 
-MICRO_PER_UNIT = 1_000_000
 MICRO_PER_CENT = 10_000
 
 _MICRO = re.compile(r"-?[0-9]+")  # int() alone would also take " 12", "1_000" and "١٢"
@@ -151,7 +151,7 @@ def read_balance(redis_url: str, accountcode: str, callerid: str) -> Balance | N
 def split_amount(micro: int) -> tuple[bool, int, int]:
     """(owed, whole units, cents) of an amount in micro-units. Both parts are of the absolute value,
     truncated toward zero: 12_345_678 -> (False, 12, 34); -999_999 -> (True, 0, 99)."""
-    whole, rest = divmod(abs(micro), MICRO_PER_UNIT)
+    whole, rest = divmod(abs(micro), MICRO)
     return micro < 0, whole, rest // MICRO_PER_CENT
 
 

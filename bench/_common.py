@@ -7,12 +7,10 @@ dropped by each run) and Redis db 14 (flushed before and after). Nothing else is
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 BENCH_DB = "a2bd_bench"
 BENCH_REDIS_DB = 14
@@ -133,26 +131,22 @@ def proc_status_kib(field: str) -> int:
 
 def bench_urls() -> tuple[str, str, str]:
     """(admin PostgreSQL URL, bench PostgreSQL URL, bench Redis URL), found as `make test` finds them."""
-    from a2bd.devservers import find_servers
+    from a2bd.devservers import find_servers, with_database, with_redis_db
 
     servers = find_servers()
     if servers._keep:
         # An embedded server lives only as long as `servers`; keep it for the whole run.
         _KEEP.append(servers)
-    pg = urlsplit(servers.pg_url)
-    admin = urlunsplit(pg._replace(path="/postgres"))
-    bench = urlunsplit(pg._replace(path=f"/{BENCH_DB}"))
-    redis = urlsplit(servers.redis_url)
-    if redis.scheme == "unix":
-        query = "&".join([p for p in redis.query.split("&") if p and not p.startswith("db=")]
-                         + [f"db={BENCH_REDIS_DB}"])
-        redis_url = urlunsplit(redis._replace(query=query))
-    else:
-        redis_url = urlunsplit(redis._replace(path=f"/{BENCH_REDIS_DB}"))
-    return admin, bench, redis_url
+    return (with_database(servers.pg_url, "postgres"), with_database(servers.pg_url, BENCH_DB),
+            with_redis_db(servers.redis_url, BENCH_REDIS_DB))
 
 
 _KEEP: list[object] = []
+
+# Measuring helpers shared with the storm and the tests (a2bd/sim/measure.py), re-exported for the scripts.
+from a2bd.sim.measure import free_port, percentile, proc_cpu_s, proc_rss_mib  # noqa: E402
+
+__all__ = ["free_port", "percentile", "proc_cpu_s", "proc_rss_mib"]
 
 
 async def create_bench_db(admin_url: str) -> None:
@@ -175,14 +169,6 @@ async def drop_bench_db(admin_url: str) -> None:
         await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
     finally:
         await conn.close()
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of an ascending list."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
 
 
 def calibrate_ms() -> float:

@@ -58,9 +58,11 @@ from _common import (
     calibrate_ms,
     create_bench_db,
     drop_bench_db,
+    free_port,
     percentile,
     pin_code,
     print_machine,
+    proc_cpu_s,
 )
 
 TARIFF = "bench"
@@ -221,15 +223,6 @@ async def trivial_server(args: argparse.Namespace) -> None:
 # -- the orchestrator ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def machine_cpu() -> tuple[float, float, float]:

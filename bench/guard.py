@@ -73,7 +73,6 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -94,10 +93,13 @@ from _common import (
     bench_urls,
     create_bench_db,
     drop_bench_db,
+    free_port,
     machine_busy_s,
     percentile,
     pin_code,
     print_machine,
+    proc_cpu_s,
+    proc_rss_mib,
     proc_status_kib,
 )
 
@@ -118,7 +120,6 @@ SETTLE_S = 3.0  # after the last answer, the daemon must stay under QUIET_PCT th
 QUIET_PCT = 5.0  # % of one core
 BASELINE_S = 5.0  # the idle daemon with no call, for comparison
 HORIZON_MS = 4 * 3600 * 1000  # billing.max_call_s as shipped
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the plan: who calls when, and how much credit each account gets --------------------------------------
@@ -205,12 +206,6 @@ def bench_redis(redis_url: str) -> Any:
     return client
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def write_config(path: Path, args: argparse.Namespace, pg_url: str, redis_url: str, agi_port: int,
                  ami_port: int) -> None:
     path.write_text(
@@ -226,18 +221,6 @@ def write_config(path: Path, args: argparse.Namespace, pg_url: str, redis_url: s
 
 
 # -- measuring the daemon ---------------------------------------------------------------------------------
-
-
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime, all threads
-
-
-def proc_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 @dataclass(slots=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import os
-import platform
 import pstats
 import sys
 import time
@@ -30,8 +29,6 @@ from _common import print_machine  # noqa: E402 - after the path above
 from a2bd.adapters.pdf import render_invoice  # noqa: E402
 from a2bd.domain.statement import InvoiceDocument  # noqa: E402
 from tests.unit.adapters.test_pdf import sample_document  # noqa: E402
-
-__all__ = ["rate", "sample_document"]
 
 TARGET_PER_S = 200
 
@@ -59,8 +56,6 @@ def main() -> None:
     args = parser.parse_args()
 
     print_machine("pdf_render: render_invoice, one process, one thread")
-    print(f"   processor {platform.processor() or '(platform.processor() empty)'}; "
-          f"Python {platform.python_version()} ({platform.python_implementation()})")
 
     for destinations, passes in ((args.destinations, 3), (300, 1)):
         doc = sample_document(destinations)

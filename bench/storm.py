@@ -3,14 +3,15 @@
     .venv/bin/python bench/storm.py [--rates 100,200,300,400,500] [--seconds 20] [--live 10000]
 
 Each rate runs `a2bd storm` (a2bd/sim/storm.py: the simulated Asterisk in this process, `a2bd serve` as a
-separate process, both on this machine's two cores) for --seconds of arrivals, talk times exponential with
+separate process, both on this machine's two cores) in the bench's database a2bd_bench and Redis db 14,
+under the bench lock for --seconds of arrivals, talk times exponential with
 a 3 s mean, 2,000 accounts. A rate is *sustained* when every call is accounted for exactly (verdict OK),
 the calls started on time (>= 95 % of the rate) and every FastAGI session was answered (none timed out).
 Then, beside it in the same run:
 
-  baseline   the same simulator at the highest rate tried, its FastAGI sessions answered by a trivial
-             server in this process (the seven variables a2bd sets, no Redis, no AMI tracking): what the
-             harness itself costs and how fast it can go, a floor for every figure above.
+  baseline   the same simulator at the highest rate tried, its FastAGI sessions answered by
+             bench/agi_authorize.py's trivial server in its own process (the seven variables a2bd sets, no
+             Redis, no AMI tracking): what the harness itself costs, a floor for every figure above.
   half rate  authorization p99 at half the highest sustained rate (the issue's latency target).
   live       --live concurrent calls held up (long talk times), the daemon's peak RSS.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,18 +32,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from _common import calibrate_ms, percentile, print_machine
+from _common import BenchLock, bench_urls, calibrate_ms, free_port, percentile, print_machine
 
 from a2bd.sim.ami import CallSpec, SimAsterisk
 from a2bd.sim.storm import StormPlan, storm_main
 
+Urls = tuple[str, str, str]  # (admin PostgreSQL, the bench database a2bd_bench, Redis db 14): bench_urls()
 
-async def storm(rate: float, seconds: float, accounts: int, mean_talk_s: float = 3.0, max_talk_s: float = 8.0,
-                seed: int = 20261123, mix: tuple[float, float, float, float] = (0.6, 0.3, 0.05, 0.05),
+
+async def storm(urls: Urls, rate: float, seconds: float, accounts: int, mean_talk_s: float = 3.0,
+                max_talk_s: float = 8.0, seed: int = 20261123,
+                mix: tuple[float, float, float, float] = (0.6, 0.3, 0.05, 0.05),
                 answer_ratio: float = 0.8) -> dict[str, Any]:
     plan = StormPlan(rate=rate, calls=max(1, int(rate * seconds)), accounts=accounts, mean_talk_s=mean_talk_s,
                      max_talk_s=max_talk_s, seed=seed, mix=mix, answer_ratio=answer_ratio)
-    report = await storm_main(plan, None, None)
+    report = await storm_main(plan, None, None, urls)
     summary = report.summary()
     unanswered = summary["statuses"].get("none", 0)
     summary["sustained"] = (summary["verdict"] == "OK" and summary["calls_per_s"] >= 0.95 * rate
@@ -50,26 +55,13 @@ async def storm(rate: float, seconds: float, accounts: int, mean_talk_s: float =
 
 
 async def baseline(rate: float, seconds: float) -> dict[str, Any]:
-    """The simulator against a trivial FastAGI server: reads the environment, sets the variables, closes."""
-    async def trivial(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            await reader.readuntil(b"\n\n")
-            for name, value in (("CHANNEL(accountcode)", "1"), ("A2B_ACCOUNT", "1"), ("A2B_LIMIT_MS", "60000"),
-                                ("A2B_ROUTES", "1"), ("A2B_ROUTE_1", "PJSIP/1@c"), ("A2B_HANGUPCAUSE", "16"),
-                                ("A2B_STATUS", "OK")):
-                writer.write(f'SET VARIABLE {name} "{value}"\n'.encode())
-                await writer.drain()
-                await reader.readline()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(trivial, "127.0.0.1", 0, backlog=4096)
-    port = server.sockets[0].getsockname()[1]
+    """The simulator against bench/agi_authorize.py's trivial FastAGI server, in its own process, answering
+    the seven variables authorize sets (no Redis, no AMI tracking): the harness's own cost at this rate."""
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).with_name("agi_authorize.py")), "--role", "trivial", "--port", str(port),
+        "--answer-lines", "7", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     sim = SimAsterisk(username="a2bd", secret=secrets.token_hex(8), seed=1)  # nobody logs in: no AMI here
-    await sim.start()
-    sim.agi = ("127.0.0.1", port)
     latencies: list[float] = []
     tasks: set[asyncio.Task[None]] = set()
 
@@ -78,23 +70,41 @@ async def baseline(rate: float, seconds: float) -> dict[str, Any]:
         if result.authorize_s is not None:
             latencies.append(result.authorize_s)
 
-    cpu0 = time.process_time()
-    start = time.monotonic()
-    n = int(rate * seconds)
-    for i in range(n):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.create_task(one(i))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    started_s = time.monotonic() - start
-    async with asyncio.timeout(120):
-        while tasks:
-            await asyncio.gather(*list(tasks), return_exceptions=True)
-    cpu = time.process_time() - cpu0
-    await sim.close()
-    server.close()
+    try:
+        for _ in range(100):  # bounded: 10 s for the server to listen
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        await sim.start()
+        sim.agi = ("127.0.0.1", port)
+        cpu0 = time.process_time()
+        start = time.monotonic()
+        n = int(rate * seconds)
+        for i in range(n):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(i))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        started_s = time.monotonic() - start
+        async with asyncio.timeout(120):
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+        cpu = time.process_time() - cpu0
+    finally:
+        await sim.close()
+        if server.returncode is None:
+            server.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await server.wait()
+        except TimeoutError:
+            server.kill()
+            await server.wait()
     latencies.sort()
     return {"calls": n, "calls_per_s": round(n / started_s, 1),
             "authorize_p50_ms": round(percentile(latencies, 50) * 1000, 2),
@@ -111,26 +121,26 @@ def row(label: str, s: dict[str, Any]) -> str:
             f"{'SUSTAINED' if s.get('sustained') else ''}")
 
 
-async def live_run(count: int, rate: float, accounts: int) -> dict[str, Any]:
+async def live_run(urls: Urls, count: int, rate: float, accounts: int) -> dict[str, Any]:
     """`count` calls held up at once: post-paid accounts (up to 20 calls each, credit for long calls), every
     call answered, talk times about count / rate seconds."""
     # Exponential talk times of mean m at rate r hold r·m·(1 - e^(-t/m)) calls after t seconds of arrivals:
     # m = 1.1·count/r and 2.5·m of arrivals reach about `count`.
     talk = 1.1 * count / rate
-    return await storm(rate, talk * 2.5, accounts, mean_talk_s=talk, max_talk_s=talk * 1.5, mix=(0, 1, 0, 0),
-                       answer_ratio=1.0)
+    return await storm(urls, rate, talk * 2.5, accounts, mean_talk_s=talk, max_talk_s=talk * 1.5,
+                       mix=(0, 1, 0, 0), answer_ratio=1.0)
 
 
-async def main(args: argparse.Namespace) -> int:
+async def main(args: argparse.Namespace, urls: Urls) -> int:
     rates = [float(r) for r in args.rates.split(",")]
     print(f"   calibration loop {calibrate_ms():.1f} ms")
     if args.live_only:
-        live = await live_run(args.live, 250.0, 5000)
+        live = await live_run(urls, args.live, 250.0, 5000)
         print(row(f"live {args.live}", live), flush=True)
         return 0
     results = {}
     for rate in rates:
-        results[rate] = await storm(rate, args.seconds, args.accounts)
+        results[rate] = await storm(urls, rate, args.seconds, args.accounts)
         print(row(f"rate {rate:g}", results[rate]), flush=True)
     sustained = [r for r in rates if results[r]["sustained"]]
     best = max(sustained, default=0.0)
@@ -138,9 +148,9 @@ async def main(args: argparse.Namespace) -> int:
     print(row(f"baseline {max(rates):g}", base), flush=True)
     half = None
     if best:
-        half = await storm(best / 2, args.seconds, args.accounts, seed=7)
+        half = await storm(urls, best / 2, args.seconds, args.accounts, seed=7)
         print(row(f"half {best / 2:g}", half), flush=True)
-    live = await live_run(args.live, max(50.0, min(best or 100.0, 250.0)), max(args.accounts, 5000))
+    live = await live_run(urls, args.live, max(50.0, min(best or 100.0, 250.0)), max(args.accounts, 5000))
     print(row(f"live {args.live}", live), flush=True)
     print(f"targets   highest sustained rate {best:g} calls/s (>= 2,000): {'MET' if best >= 2000 else 'MISSED'}; "
           f"p99 at half rate {half['authorize_p99_ms'] if half else '-'} ms (< 10): "
@@ -161,4 +171,6 @@ if __name__ == "__main__":
     print_machine("bench/storm.py")
     print(f"   args     --rates {arguments.rates} --seconds {arguments.seconds:g} --accounts {arguments.accounts} "
           f"--live {arguments.live}{' --live-only' if arguments.live_only else ''}")
-    sys.exit(asyncio.run(main(arguments)))
+    bench = bench_urls()
+    with BenchLock(bench[0]):  # one benchmark at a time on these servers: they share a2bd_bench
+        sys.exit(asyncio.run(main(arguments, bench)))

@@ -51,14 +51,7 @@ class _Resp(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, packed: bytes) -> asyncio.Future[Any]:
-        if self.lost is not None or self.transport is None:
-            raise self.lost or StoreUnavailable("Redis connection is not open")
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._write(packed)
-        self.pending.append((future, time.monotonic() + self.timeout_s))
-        if self._timer is None:
-            self._timer = self._loop.call_later(self.timeout_s, self._check_deadline)
-        return future
+        return self.send_many(1, packed)[0]
 
     def send_many(self, count: int, packed: bytes) -> list[asyncio.Future[Any]]:
         """`count` commands packed back to back, written at once: one future per reply, in order."""
@@ -79,8 +72,8 @@ class _Resp(asyncio.Protocol):
 
     def _flush(self) -> None:
         out, self._out = self._out, []
-        if self.transport is not None and self.lost is None and out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.transport is not None and self.lost is None:
+            self.transport.write(b"".join(out))
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)

@@ -206,7 +206,7 @@ class RedisStore:
         flat: list[str] = await self._guard(self.mux.execute("HGETALL", account_key(number)))
         if not flat:
             return None
-        data = dict(zip(flat[::2], flat[1::2], strict=True))
+        data = _pairs(flat)
         return account_from_hash(data), data.get("v", "")
 
     async def account_version(self, number: str) -> str | None:

@@ -208,7 +208,7 @@ class AmiParser:
         # Only these events are decoded (None: all). Asterisk sends some 30 events per call, of which the
         # tracker reads four: the others are recognised by their first line and dropped undecoded, unless
         # they answer one of our actions (an ActionID: CoreShowChannel and its kin).
-        self._events = events
+        self._events = None if events is None else frozenset(name.encode() for name in events)  # compared as bytes
         self.skipped = 0
         self._max = max_message_bytes
         self._expect_banner = expect_banner
@@ -262,7 +262,7 @@ class AmiParser:
         for block in blocks:
             if events is not None and block.startswith(b"Event: "):
                 end = block.find(b"\r\n")
-                name = (block[7:] if end < 0 else block[7:end]).decode("utf-8", "replace")
+                name = block[7:] if end < 0 else block[7:end]
                 if name not in events and b"\r\nActionID: " not in block:
                     self.skipped += 1
                     continue

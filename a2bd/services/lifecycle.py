@@ -26,13 +26,9 @@ from a2bd.errors import AmiUnavailable
 from a2bd.services.charging import LedgerWriter
 from a2bd.services.guard import CreditGuard, Cut
 from a2bd.services.reconcile import Reconciler
-from a2bd.services.tracker import CallTracker, LiveCall, RecentCalls
+from a2bd.services.tracker import TRACKED_EVENTS, CallTracker, LiveCall, RecentCalls
 
 log = structlog.get_logger("a2bd.lifecycle")
-
-
-# The events the call tracker reads (services/tracker.py): the client decodes no other.
-TRACKED_EVENTS = frozenset({"DialBegin", "DialEnd", "Hangup", "Cdr"})
 
 
 def ami_client(server: AsteriskServer, settings: Settings) -> AmiClient:

@@ -97,6 +97,10 @@ class LiveCall:
 Sink = Callable[[EndedCall], None]
 
 
+# The AMI events the tracker reads: the AMI client decodes no other (services/lifecycle.py).
+TRACKED_EVENTS = frozenset({"DialBegin", "DialEnd", "Hangup", "Cdr"})
+
+
 class CallTracker:
     """One per Asterisk server. `charge` receives every ended call (answered or not) of this server."""
 

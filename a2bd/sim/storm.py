@@ -28,16 +28,16 @@ import os
 import random
 import secrets
 import signal
-import socket
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -49,11 +49,15 @@ from a2bd.domain.rating import cost_micro
 from a2bd.domain.tariff import RateEntry, Tariff
 from a2bd.errors import InputError
 from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk
+from a2bd.sim.measure import free_port, percentile, proc_cpu_s, proc_rss_mib
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "sample_tariff.csv"
 DB = "a2bd_storm"
 REDIS_DB = 12
 OUTCOMES = ("answer", "busy", "noanswer", "congestion")
+SERVER = "storm"  # the simulated Asterisk's name in the daemon's settings: the prefix of every call id
+MAX_IN_FLIGHT = 20_000  # calls the simulator runs at once, at most (its own memory)
+DRAIN_S = 30.0  # how long the books wait for the daemon's last ledger batch
 KINDS = ("prepaid", "postpaid", "blocked", "expired")
 
 
@@ -94,10 +98,8 @@ def make_accounts(plan: StormPlan) -> list[StormAccount]:
     """The account mix: pre-paid with a little credit (some run out mid-call), post-paid with a limit."""
     rng = random.Random(plan.seed)
     out = []
-    bounds = list(_cumulative(plan.mix))
     for i in range(plan.accounts):
-        roll = rng.random()
-        kind = next(k for k, b in zip(KINDS, bounds, strict=True) if roll < b)
+        kind = rng.choices(KINDS, weights=plan.mix)[0]
         number = f"{3_000_000_000 + i}"
         if kind == "prepaid":
             out.append(StormAccount(number, kind, rng.randrange(5, 100) * 10_000, 0, rng.choice((1, 2, 4))))
@@ -106,15 +108,6 @@ def make_accounts(plan: StormPlan) -> list[StormAccount]:
         else:
             out.append(StormAccount(number, kind, 10_000_000))
     return out
-
-
-def _cumulative(values: Sequence[float]) -> Iterable[float]:
-    total = sum(values)
-    acc = 0.0
-    for v in values:
-        acc += v / total
-        yield acc
-    # the last bound is 1.0 up to rounding: make any roll fall in it
 
 
 def destinations(entries: Sequence[RateEntry], seed: int, per_prefix: int = 3) -> list[str]:
@@ -183,7 +176,6 @@ class Outcome:
     planned: PlannedCall
     result: CallResult
     started_at: float  # wall clock
-    authorize_s: float | None  # FastAGI session, connect to close
 
 
 @dataclass(slots=True)
@@ -197,7 +189,7 @@ class Verdict:
 
 
 def check_books(
-    accounts: Sequence[StormAccount], outcomes: Sequence[Outcome], entries: Sequence[RateEntry], server: str,
+    accounts: Sequence[StormAccount], outcomes: Sequence[Outcome], entries: Sequence[RateEntry],
     ledger: Sequence[tuple[str, str, int]], pg_balances: dict[str, int], redis_balances: dict[str, int | None],
 ) -> Verdict:
     """Compare what the simulator did with the books. `ledger`: (call id, account, amount) of every call
@@ -217,10 +209,10 @@ def check_books(
         if r.disposition == "ANSWERED":
             match = tariff.lookup(o.planned.destination, datetime.fromtimestamp(o.started_at, UTC))
             if match is None:
-                verdict.discrepancies.append(f"{server}/{r.uniqueid}: answered but the rate card has no rate")
+                verdict.discrepancies.append(f"{SERVER}/{r.uniqueid}: answered but the rate card has no rate")
                 continue
             price = cost_micro(match.sell, r.billable_s)
-            answered[f"{server}/{r.uniqueid}"] = (o.planned.account, price)
+            answered[f"{SERVER}/{r.uniqueid}"] = (o.planned.account, price)
             expected[o.planned.account] = expected.get(o.planned.account, 0) - price
     seen = Counter(call_id for call_id, _, _ in ledger)
     for call_id, count in seen.items():
@@ -269,7 +261,6 @@ def _max_increment_micro(entries: Sequence[RateEntry]) -> int:
 class StormReport:
     outcomes: list[Outcome]
     started: float
-    finished: float
     live_samples: list[tuple[float, int]]
     verdict: Verdict
     daemon_log: list[str] = field(default_factory=list)  # what the daemon logged (level warning and up)
@@ -277,13 +268,14 @@ class StormReport:
     scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the daemon's /metrics, 1/s
 
     def summary(self) -> dict[str, Any]:
-        lat = sorted(o.authorize_s for o in self.outcomes if o.authorize_s is not None)
+        lat = sorted(o.result.authorize_s for o in self.outcomes if o.result.authorize_s is not None)
         span = max(max((o.started_at for o in self.outcomes), default=self.started) - self.started, 1e-9)
         statuses = Counter(o.result.status or "none" for o in self.outcomes)
         return {
             "calls": len(self.outcomes),
             "calls_per_s": round(len(self.outcomes) / span, 1),
-            "authorize_p50_ms": _ms(_pct(lat, 50)), "authorize_p99_ms": _ms(_pct(lat, 99)),
+            "authorize_p50_ms": _ms(percentile(lat, 50) if lat else None),
+            "authorize_p99_ms": _ms(percentile(lat, 99) if lat else None),
             "authorize_max_ms": _ms(lat[-1] if lat else None),
             "answered": sum(o.result.disposition == "ANSWERED" for o in self.outcomes),
             "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
@@ -296,12 +288,6 @@ class StormReport:
             "daemon_warnings": len(self.daemon_log),
             "verdict": "OK" if self.verdict.ok else "WRONG",
         }
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return values[max(0, min(len(values) - 1, math.ceil(q / 100 * len(values)) - 1))]
 
 
 def _ms(value: float | None) -> float | None:
@@ -331,38 +317,14 @@ async def _scrape(port: int, into: list[tuple[float, dict[str, float]]], every_s
         await asyncio.sleep(every_s)
 
 
-async def _peak_rss(pid: int, peak: list[int]) -> None:
-    """The daemon's largest resident set (KiB) seen, sampled four times a second (/proc: Linux)."""
-    while (kib := _rss_kib(pid)) is not None:
-        peak[0] = max(peak[0], kib)
+async def _peak_rss(pid: int, peak: list[float]) -> None:
+    """The daemon's largest resident set (MiB) seen, sampled four times a second, until it is gone."""
+    while True:
+        try:
+            peak[0] = max(peak[0], proc_rss_mib(pid))
+        except OSError:
+            return
         await asyncio.sleep(0.25)
-
-
-def _rss_kib(pid: int) -> int | None:
-    """VmRSS of a process in KiB (a /proc file: no disk I/O), None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc: Linux), 0 when it cannot be read. With the
-    wall-clock figures, what tells a slow daemon from a busy machine."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def setup_world(pg_url: str, accounts: Sequence[StormAccount], entries: Sequence[RateEntry]) -> None:
@@ -387,23 +349,21 @@ async def setup_world(pg_url: str, accounts: Sequence[StormAccount], entries: Se
 
 async def run_storm(
     calls: Sequence[PlannedCall], accounts: Sequence[StormAccount], entries: Sequence[RateEntry], *,
-    pg_url: str, redis_url: str, drain_s: float = 30.0, max_in_flight: int = 20_000,
-    python: Sequence[str] = (sys.executable,),
+    pg_url: str, redis_url: str,
 ) -> StormReport:
-    """Set up, start the simulator and the daemon, place the calls on time, then check the books.
-    `python`: how to run the daemon's interpreter (e.g. under `-m cProfile -o FILE` to profile it)."""
+    """Set up, start the simulator and the daemon, place the calls on time, then check the books."""
     await setup_world(pg_url, accounts, entries)
     secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
     sim = SimAsterisk(username="a2bd", secret=secret, seed=7)
     await sim.start()
-    agi_port, metrics_port = _free_port(), _free_port()
+    agi_port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="a2bd-storm-") as tmp:
         config = Path(tmp) / "a2bd.toml"
         config.write_text(
             f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
             f'[log]\nlevel = "warning"\n'
             f'[billing]\nscheduler_interval_s = 0\n'
-            f'[[asterisk]]\nname = "storm"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
+            f'[[asterisk]]\nname = "{SERVER}"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
             f'secret = "{secret}"\n'
         )
         env = {**os.environ, "A2BD_PG_URL": pg_url, "A2BD_REDIS_URL": redis_url}
@@ -411,27 +371,27 @@ async def run_storm(
         log_path = Path(tmp) / "a2bd.log"
         log_file = log_path.open("wb")
         daemon = await asyncio.create_subprocess_exec(
-            *python, "-m", "a2bd", "--config", str(config), "serve", env=env,
+            sys.executable, "-m", "a2bd", "--config", str(config), "serve", env=env,
             stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
         try:
             await _wait_port(agi_port, daemon, log_path)
             async with asyncio.timeout(20):
                 await sim.wait_logged_in()
             sim.agi = ("127.0.0.1", agi_port)
-            sim_cpu0, daemon_cpu0 = time.process_time(), _cpu_s(daemon.pid)
+            sim_cpu0, daemon_cpu0 = time.process_time(), proc_cpu_s(daemon.pid)
             scrapes: list[tuple[float, dict[str, float]]] = []
             scraper = asyncio.create_task(_scrape(metrics_port, scrapes))
-            rss: list[int] = [0]
+            rss: list[float] = [0.0]
             watcher = asyncio.create_task(_peak_rss(daemon.pid, rss))
             try:
-                outcomes, live, started, finished = await _place(sim, calls, max_in_flight)
+                outcomes, live, started = await _place(sim, calls)
             finally:
                 scraper.cancel()
                 watcher.cancel()
-            verdict = await _books(pg_url, redis_url, accounts, outcomes, entries, drain_s)
-            cpu = {"daemon_cpu_s": round(_cpu_s(daemon.pid) - daemon_cpu0, 2),
+            verdict = await _books(pg_url, redis_url, accounts, outcomes, entries)
+            cpu = {"daemon_cpu_s": round(proc_cpu_s(daemon.pid) - daemon_cpu0, 2),
                    "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2),
-                   "daemon_peak_rss_mib": round(rss[0] / 1024, 1)}
+                   "daemon_peak_rss_mib": round(rss[0], 1)}
         finally:
             if daemon.returncode is None:
                 daemon.send_signal(signal.SIGTERM)
@@ -444,7 +404,7 @@ async def run_storm(
             log_file.close()
             await sim.close()
             log_lines = log_path.read_text(errors="replace").splitlines()
-    return StormReport(outcomes, started, finished, live, verdict, log_lines, cpu, scrapes)
+    return StormReport(outcomes, started, live, verdict, log_lines, cpu, scrapes)
 
 
 async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:
@@ -461,12 +421,12 @@ async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path
     raise InputError("a2bd serve did not listen within 30 s")
 
 
-async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], max_in_flight: int
-                 ) -> tuple[list[Outcome], list[tuple[float, int]], float, float]:
+async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall]
+                 ) -> tuple[list[Outcome], list[tuple[float, int]], float]:
     outcomes: list[Outcome] = []
     live: list[tuple[float, int]] = []
     tasks: set[asyncio.Task[None]] = set()
-    room = asyncio.Semaphore(max_in_flight)  # bounded: the simulator's own memory
+    room = asyncio.Semaphore(MAX_IN_FLIGHT)  # bounded: the simulator's own memory
     start = time.monotonic()
     wall0 = time.time()
 
@@ -480,7 +440,7 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], max_in_flight: 
             result = await sim.call(spec)
         finally:
             room.release()
-        outcomes.append(Outcome(planned, result, began, result.authorize_s))
+        outcomes.append(Outcome(planned, result, began))
 
     async def sample() -> None:
         while True:
@@ -504,16 +464,16 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], max_in_flight: 
         sampler.cancel()
         for task in list(tasks):
             task.cancel()
-    return outcomes, live, wall0, time.time()
+    return outcomes, live, wall0
 
 
 async def _books(pg_url: str, redis_url: str, accounts: Sequence[StormAccount], outcomes: Sequence[Outcome],
-                 entries: Sequence[RateEntry], drain_s: float) -> Verdict:
+                 entries: Sequence[RateEntry]) -> Verdict:
     answered = sum(o.result.disposition == "ANSWERED" for o in outcomes)
     conn = await asyncpg.connect(pg_url)
     store = RedisStore.from_url(redis_url, 2.0)
     try:
-        deadline = time.monotonic() + drain_s
+        deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline:  # the daemon writes in batches: wait for the last one (bounded)
             if await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") >= answered:
                 break
@@ -531,7 +491,12 @@ async def _books(pg_url: str, redis_url: str, accounts: Sequence[StormAccount], 
     finally:
         await conn.close()
         await store.close()
-    return check_books(accounts, outcomes, entries, "storm", ledger, pg_balances, redis_balances)
+    return check_books(accounts, outcomes, entries, ledger, pg_balances, redis_balances)
+
+
+def dashboard_path(plot_path: Path) -> Path:
+    """Where the dashboard panels go beside a storm plot: storm.png -> storm-dashboard.png."""
+    return plot_path.with_name(plot_path.stem + "-dashboard" + plot_path.suffix)
 
 
 def plot(report: StormReport, path: Path) -> None:
@@ -545,8 +510,8 @@ def plot(report: StormReport, path: Path) -> None:
     per_s: Counter[int] = Counter(int(o.started_at - t0) for o in report.outcomes)
     lat_by_s: dict[int, list[float]] = {}
     for o in report.outcomes:
-        if o.authorize_s is not None:
-            lat_by_s.setdefault(int(o.started_at - t0), []).append(o.authorize_s * 1000)
+        if o.result.authorize_s is not None:
+            lat_by_s.setdefault(int(o.started_at - t0), []).append(o.result.authorize_s * 1000)
     fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     seconds = sorted(per_s)
     axes[0].bar(seconds, [per_s[s] for s in seconds], width=0.9, color="#1f4e79")
@@ -554,8 +519,8 @@ def plot(report: StormReport, path: Path) -> None:
     axes[1].plot([t for t, _ in report.live_samples], [n for _, n in report.live_samples], color="#2e7d32")
     axes[1].set_ylabel("live calls")
     lat_s = sorted(lat_by_s)
-    axes[2].plot(lat_s, [_pct(sorted(lat_by_s[s]), 50) for s in lat_s], label="p50", color="#1f4e79")
-    axes[2].plot(lat_s, [_pct(sorted(lat_by_s[s]), 99) for s in lat_s], label="p99", color="#c62828")
+    axes[2].plot(lat_s, [percentile(sorted(lat_by_s[s]), 50) for s in lat_s], label="p50", color="#1f4e79")
+    axes[2].plot(lat_s, [percentile(sorted(lat_by_s[s]), 99) for s in lat_s], label="p99", color="#c62828")
     axes[2].set_ylabel("authorize (ms)")
     axes[2].set_xlabel("seconds since the storm began")
     axes[2].legend()
@@ -646,19 +611,20 @@ def load_entries(path: Path = SAMPLE) -> list[RateEntry]:
     return entries
 
 
-async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | None) -> StormReport:
-    """`a2bd storm`: a scratch database and Redis db on the machine's servers, dropped afterwards."""
-    from urllib.parse import urlsplit, urlunsplit
+async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | None,
+                     urls: tuple[str, str, str] | None = None) -> StormReport:
+    """`a2bd storm`: a scratch database and Redis db, created and dropped. `urls`: (admin PostgreSQL, the
+    scratch database, the Redis db) to use instead of `a2bd_storm` and db 12 on the machine's servers."""
+    from a2bd.devservers import find_servers, with_database, with_redis_db
 
-    from a2bd.devservers import find_servers
-
-    servers = find_servers()
-    pg = urlsplit(servers.pg_url)
-    pg_url = urlunsplit(pg._replace(path=f"/{DB}"))
-    redis_url = urlunsplit(urlsplit(servers.redis_url)._replace(path=f"/{REDIS_DB}"))
-    admin = await asyncpg.connect(servers.pg_url)
-    await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
-    await admin.execute(f"CREATE DATABASE {DB}")
+    if urls is None:
+        servers = find_servers()
+        urls = (servers.pg_url, with_database(servers.pg_url, DB), with_redis_db(servers.redis_url, REDIS_DB))
+    admin_url, pg_url, redis_url = urls
+    db = urlsplit(pg_url).path.lstrip("/")
+    admin = await asyncpg.connect(admin_url)
+    await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {db}")
     store = RedisStore.from_url(redis_url, 2.0)
     await store.client.flushdb()
     try:
@@ -673,10 +639,10 @@ async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | N
         report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url)
         if plot_path is not None:
             plot(report, plot_path)
-            plot_dashboard(report, plot_path.with_name(plot_path.stem + "-dashboard" + plot_path.suffix))
+            plot_dashboard(report, dashboard_path(plot_path))
         return report
     finally:
         await store.client.flushdb()
         await store.close()
-        await admin.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
+        await admin.execute(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
         await admin.close()

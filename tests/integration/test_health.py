@@ -16,6 +16,7 @@ from a2bd.ami.client import AmiClient
 from a2bd.api.health import daemon_health
 from a2bd.api.metrics import start_metrics_server
 from a2bd.sim.ami import SimAsterisk
+from tests.e2e.test_metrics_endpoint import get
 from tests.proxy import TcpProxy, proxied
 
 pytestmark = pytest.mark.integration
@@ -25,13 +26,8 @@ ALL_OK = "redis: ok\npostgresql: ok\nami:pbx1: ok\n"
 
 
 async def healthz(port: int) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-    async with asyncio.timeout(5):
-        data = await reader.read()
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body.decode()
+    status, body = await get(port, "/healthz")
+    return int(status.split(" ", 2)[1]), body
 
 
 async def until(port: int, status: int, timeout_s: float = 5.0) -> str:

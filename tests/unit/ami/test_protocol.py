@@ -20,6 +20,7 @@ from a2bd.ami.protocol import (
     parse_message,
 )
 from a2bd.errors import AmiValueError, InputError, ProtocolError
+from a2bd.services.tracker import TRACKED_EVENTS, CallTracker
 from tests.transcripts import Capture, ami_files, load_capture
 
 CAPTURES = [c for path in ami_files() for c in load_capture(path)]
@@ -432,7 +433,7 @@ def test_any_value_is_one_action_or_refused(value: str) -> None:
 
 # -- decoding only the events wanted ----------------------------------------------------------------------
 
-WANTED = frozenset({"DialBegin", "DialEnd", "Hangup", "Cdr"})
+WANTED = TRACKED_EVENTS
 
 
 @pytest.mark.parametrize("capture", CAPTURES, ids=[c.path.name for c in CAPTURES])
@@ -455,9 +456,6 @@ def test_the_filter_keeps_an_unwanted_event_that_answers_an_action() -> None:
     assert parser.skipped == 1
 
 
-def test_the_daemon_decodes_the_events_its_tracker_reads() -> None:
-    from a2bd.services.lifecycle import TRACKED_EVENTS
-    from a2bd.services.tracker import CallTracker
-
+def test_the_tracker_handles_exactly_the_events_the_client_decodes() -> None:
     tracker = CallTracker("pbx", None, lambda call: None)  # type: ignore[arg-type]  # no store needed to look
     assert set(tracker._handlers) == TRACKED_EVENTS

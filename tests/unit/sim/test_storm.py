@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,10 @@ def test_a_plan_is_seeded_and_keeps_its_rate() -> None:
     numbers = destinations(ENTRIES, plan.seed)
     calls = plan_calls(plan, accounts, numbers)
     assert calls == plan_calls(plan, accounts, numbers)  # the same storm every time
-    assert {a.kind for a in accounts} <= {"prepaid", "postpaid", "blocked", "expired"}
+    kinds = Counter(a.kind for a in make_accounts(StormPlan(accounts=4000)))
+    assert kinds["prepaid"] / 4000 == pytest.approx(0.6, abs=0.03)  # the plan's mix, 60/30/5/5
+    assert kinds["postpaid"] / 4000 == pytest.approx(0.3, abs=0.03)
+    assert kinds["blocked"] and kinds["expired"]
     span = calls[-1].at_s
     assert 4000 / span == pytest.approx(200, rel=0.1)  # Poisson arrivals at the rate asked
     assert all(c.talk_s <= plan.max_talk_s for c in calls)
@@ -61,13 +65,13 @@ def test_a_csv_of_calls_is_read_and_every_bad_row_reported(tmp_path: Path) -> No
 
 def answered(uniqueid: str, account: StormAccount = PREPAID, billable_s: int = 65) -> Outcome:
     result = CallResult(uniqueid=uniqueid, channel="Local/x", linkedid=uniqueid, status="OK",
-                        disposition="ANSWERED", billable_s=billable_s, ended_by="callee")
-    return Outcome(PlannedCall(0.0, account.number, "33123456789", 65), result, 1_790_000_000.0, 0.003)
+                        disposition="ANSWERED", billable_s=billable_s, ended_by="callee", authorize_s=0.003)
+    return Outcome(PlannedCall(0.0, account.number, "33123456789", 65), result, 1_790_000_000.0)
 
 
 def books(outcomes: list[Outcome], ledger: list[tuple[str, str, int]], pg: dict[str, int],
           redis: dict[str, int | None]) -> list[str]:
-    return check_books([PREPAID, BLOCKED], outcomes, ENTRIES, "storm", ledger, pg, redis).discrepancies
+    return check_books([PREPAID, BLOCKED], outcomes, ENTRIES, ledger, pg, redis).discrepancies
 
 
 def test_exact_books_pass() -> None:
