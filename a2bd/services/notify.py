@@ -215,7 +215,7 @@ def renewal_letter(c: Customer, detail: Mapping[str, Any], service: ServiceFacts
     records service, did, amount_micro, currency, renews_at and renewal_date, the local date)."""
     name = _service_name(detail, service)
     amount = _amount(detail, service)
-    at = _instant(detail, "renews_at", "next_charge_at", "due_at")
+    at = _instant(detail, "renews_at")
     if at is None and service is not None:
         at = service.next_charge_at
     day = _date(detail, "renewal_date") or (at.astimezone(c.zone()).date() if at is not None else None)
@@ -315,11 +315,9 @@ def _currency(detail: Mapping[str, Any]) -> str | None:
 
 
 def _service_name(detail: Mapping[str, Any], service: ServiceFacts | None) -> str:
-    for key in ("service", "service_name", "name"):
-        value = detail.get(key)
-        if isinstance(value, str) and value.strip():
-            name = value.strip()
-            break
+    value = detail.get("service")
+    if isinstance(value, str) and value.strip():
+        name = value.strip()
     else:
         name = service.name if service is not None else ""
     did = detail.get("did") or (service.did if service is not None else None)
@@ -329,7 +327,7 @@ def _service_name(detail: Mapping[str, Any], service: ServiceFacts | None) -> st
 
 
 def _amount(detail: Mapping[str, Any], service: ServiceFacts | None) -> int | None:
-    amount = _int(detail, "amount_micro", "gross_micro", "needed_micro", "price_micro", "charge_micro")
+    amount = _int(detail, "amount_micro")
     if amount is None and service is not None:
         amount = service.amount_micro
     return amount
