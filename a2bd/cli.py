@@ -36,7 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         configure_logging(settings.log.level, settings.log.json)
         command: Command = args.command
-        with asyncio.Runner(loop_factory=_loop_factory(settings) if command is cmd_serve else None) as runner:
+        # The daemon, and the storm's simulated Asterisk (a C program in real life), take runtime.loop.
+        fast = command is cmd_serve or command is cmd_storm
+        with asyncio.Runner(loop_factory=_loop_factory(settings) if fast else None) as runner:
             return runner.run(command(args, settings))
     except A2bdError as exc:
         print(f"a2bd: {exc}", file=sys.stderr)

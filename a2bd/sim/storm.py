@@ -48,10 +48,13 @@ from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import cost_micro
 from a2bd.domain.tariff import RateEntry, Tariff
 from a2bd.errors import InputError
-from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk
+from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk, manager_event_names
 from a2bd.sim.measure import free_port, percentile, proc_cpu_s, proc_rss_mib
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "sample_tariff.csv"
+# The AMI user's event filters come from the manager.conf the project ships: the simulated Asterisk sends
+# what a real one configured with it would.
+MANAGER_CONF = SAMPLE.parent.parent / "asterisk_conf" / "manager.conf"
 DB = "a2bd_storm"
 REDIS_DB = 12
 OUTCOMES = ("answer", "busy", "noanswer", "congestion")
@@ -354,7 +357,8 @@ async def run_storm(
     """Set up, start the simulator and the daemon, place the calls on time, then check the books."""
     await setup_world(pg_url, accounts, entries)
     secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
-    sim = SimAsterisk(username="a2bd", secret=secret, seed=7)
+    sim = SimAsterisk(username="a2bd", secret=secret, seed=7,
+                      event_names=manager_event_names(MANAGER_CONF.read_text(), "a2bd"))
     await sim.start()
     agi_port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="a2bd-storm-") as tmp:

@@ -310,6 +310,14 @@ def test_manager_conf_grants_what_a2bd_needs_and_no_more() -> None:
     assert ("permit", "127.0.0.1/255.255.255.255") in acl
 
 
+def test_manager_conf_sends_a2bd_exactly_the_events_its_tracker_reads() -> None:
+    # Filtering out an event the tracker reads would lose calls; sending more only costs both sides.
+    from a2bd.services.tracker import TRACKED_EVENTS
+    from a2bd.sim.ami import manager_event_names
+
+    assert manager_event_names((CONF / "manager.conf").read_text(), "a2bd") == TRACKED_EVENTS
+
+
 def test_cdr_conf_as_recorded() -> None:
     general = section(parse_conf((CONF / "cdr.conf").read_text()), "general")
     assert general["enable"] == "yes"

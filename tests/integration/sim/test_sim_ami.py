@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import pytest
 
 from a2bd.sim import ami as sim_ami
-from a2bd.sim.ami import CallResult, CallSpec, CdrRecord, SimAsterisk, event_mask
+from a2bd.sim.ami import CallResult, CallSpec, CdrRecord, SimAsterisk, event_mask, manager_event_names
 from tests.transcripts import FIXTURES, load_capture
 
 Message = list[tuple[str, str]]
@@ -360,6 +360,50 @@ async def test_answered_call_is_transcript_01_on_two_connections(sim: SimAsteris
     assert get(cdr_event, "LastApplication") == "Dial" and get(cdr_event, "BillableSeconds") == str(cdr.billsec)
     assert get(cdr_event, "AnswerTime") and get(cdr_event, "CallerID") == '"Test" <5551234>'
     assert sim.live_channels() == []
+
+
+async def test_manager_conf_name_filters_send_only_those_events(agi: FastAgi) -> None:
+    # Asterisk applies the user's eventfilter(name(...)) lines to each event: what passes is the capture's
+    # stream with every other event left out, headers untouched.
+    kept = manager_event_names("[a2bd]\neventfilter(action(include),name(DialEnd)) =\n"
+                               "eventfilter(action(include),name(Cdr)) =\n", "a2bd")
+    assert kept == {"DialEnd", "Cdr"}
+    sim = SimAsterisk(username="a2bd", secret=SECRET, agi=("127.0.0.1", agi.port), seed=7, event_names=kept)
+    await sim.start()
+    ami = await Ami.connect(sim.port)
+    try:
+        await ami.login(events="call,cdr")
+        async with asyncio.timeout(10):
+            await sim.call(CallSpec(extension="2000", talk_s=0.3, cdr_first=True))
+            got = call_events(await ami.drain())
+    finally:
+        await ami.close()
+        await sim.close()
+    want = [m for m in call_events(recorded("01-answered-callee-hangup.ami-events-call-cdr.txt"))
+            if get(m, "Event") in kept]
+    assert names(got) == names(want) == ["DialEnd", "DialEnd", "Cdr", "Cdr", "Cdr"]
+    assert [[k for k, _ in m] for m in got] == [[k for k, _ in m] for m in want]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "eventfilter = Event: Newchannel",  # a legacy regex
+        "eventfilter = !Channel: DAHDI.*",
+        "eventfilter(action(exclude),name(Newchannel)) =",
+        "eventfilter(name(Newchannel),header(Channel)) =",
+        "eventfilter(name(Newchannel)) = PJSIP/",
+        "eventfilter() =",
+    ],
+)
+def test_manager_conf_filters_the_simulator_cannot_apply_are_refused(line: str) -> None:
+    with pytest.raises(ValueError, match="line 3"):
+        manager_event_names(f"[a2bd]\nread = call\n{line}\n", "a2bd")
+
+
+def test_manager_conf_without_filters_or_for_another_user_sends_everything() -> None:
+    conf = "[general]\neventfilter(name(Cdr)) =\n[other]\neventfilter = !junk\n[a2bd]\nread = call,cdr\n"
+    assert manager_event_names(conf, "a2bd") is None
 
 
 async def test_busy_is_transcript_04(sim: SimAsterisk, client: Ami) -> None:
