@@ -6,13 +6,16 @@ Each rate runs `a2bd storm` (a2bd/sim/storm.py: the simulated Asterisk in this p
 separate process, both on this machine's two cores) in the bench's database a2bd_bench and Redis db 14,
 under the bench lock for --seconds of arrivals, talk times exponential with
 a 3 s mean, 2,000 accounts. A rate is *sustained* when every call is accounted for exactly (verdict OK),
-the calls started on time (>= 95 % of the rate) and every FastAGI session was answered (none timed out).
+the calls started on time (>= 95 % of the rate), every FastAGI session was answered (none timed out) and
+the authorization p99 stayed under 100 ms: past that the daemon is not keeping up, authorizations queue
+and their latency climbs to seconds (the books still balance: nothing is lost, it is only late).
 Then, beside it in the same run:
 
   baseline   the same simulator at the highest rate tried, its FastAGI sessions answered by
              bench/agi_authorize.py's trivial server in its own process (the seven variables a2bd sets, no
              Redis, no AMI tracking): what the harness itself costs, a floor for every figure above.
-  half rate  authorization p99 at half the highest sustained rate (the issue's latency target).
+  half rate  authorization p99 at half the highest sustained rate (the issue's latency target), and at
+             1,000 calls/s (half the target rate) when the highest sustained rate is below 2,000.
   live       --live concurrent calls held up (long talk times), the daemon's peak RSS.
 
 Targets (issue 5): >= 2,000 calls/s end to end with zero discrepancies; p99 < 10 ms at half that rate;
@@ -39,6 +42,8 @@ from _common import BenchLock, bench_urls, calibrate_ms, free_port, percentile, 
 from a2bd.sim.ami import CallSpec, SimAsterisk
 from a2bd.sim.storm import StormPlan, storm_main
 
+SUSTAINED_P99_MS = 100.0  # authorization p99 above this: the daemon is queueing, not keeping up
+TARGET_RATE = 2000.0  # calls/s, issue 5
 Urls = tuple[str, str, str]  # (admin PostgreSQL, the bench database a2bd_bench, Redis db 14): bench_urls()
 
 
@@ -52,7 +57,7 @@ async def storm(urls: Urls, rate: float, seconds: float, accounts: int, mean_tal
     summary = report.summary()
     unanswered = summary["statuses"].get("none", 0)
     summary["sustained"] = (summary["verdict"] == "OK" and summary["calls_per_s"] >= 0.95 * rate
-                            and unanswered == 0)
+                            and unanswered == 0 and summary["authorize_p99_ms"] < SUSTAINED_P99_MS)
     return summary
 
 
@@ -126,10 +131,11 @@ def row(label: str, s: dict[str, Any]) -> str:
 async def live_run(urls: Urls, count: int, rate: float, accounts: int) -> dict[str, Any]:
     """`count` calls held up at once: post-paid accounts (up to 20 calls each, credit for long calls), every
     call answered, talk times about count / rate seconds."""
-    # Exponential talk times of mean m at rate r hold r·m·(1 - e^(-t/m)) calls after t seconds of arrivals:
-    # m = 1.1·count/r and 2.5·m of arrivals reach about `count`.
-    talk = 1.1 * count / rate
-    return await storm(urls, rate, talk * 2.5, accounts, mean_talk_s=talk, max_talk_s=talk * 1.5,
+    # Exponential talk times of mean m, capped at 3m (mean 0.95m), at rate r hold about
+    # 0.95·r·m·(1 - e^(-t/m)) calls after t seconds of arrivals: m = 1.3·count/r and 2m of arrivals hold
+    # about 1.07·count at the end of the arrivals.
+    talk = 1.3 * count / rate
+    return await storm(urls, rate, talk * 2, accounts, mean_talk_s=talk, max_talk_s=talk * 3,
                        mix=(0, 1, 0, 0), answer_ratio=1.0)
 
 
@@ -152,7 +158,10 @@ async def main(args: argparse.Namespace, urls: Urls) -> int:
     if best:
         half = await storm(urls, best / 2, args.seconds, args.accounts, seed=7)
         print(row(f"half {best / 2:g}", half), flush=True)
-    live = await live_run(urls, args.live, max(50.0, min(best or 100.0, 250.0)), max(args.accounts, 5000))
+    if best < TARGET_RATE:  # the latency target's own condition, measured even though 2,000/s is not sustained
+        at_target = await storm(urls, TARGET_RATE / 2, args.seconds, args.accounts, seed=7)
+        print(row(f"at {TARGET_RATE / 2:g}", at_target), flush=True)
+    live = await live_run(urls, args.live, max(50.0, min(best or 100.0, 400.0)), max(args.accounts, 5000))
     print(row(f"live {args.live}", live), flush=True)
     print(f"targets   highest sustained rate {best:g} calls/s (>= 2,000): {'MET' if best >= 2000 else 'MISSED'}; "
           f"p99 at half rate {half['authorize_p99_ms'] if half else '-'} ms (< 10): "
