@@ -25,6 +25,7 @@ from a2bd.domain.money import format_amount, parse_amount
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.errors import A2bdError, ConfigError, InputError
 from a2bd.observability import configure_logging
+from a2bd.sim.faults import FAULTS
 
 Command = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
 
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daily-minutes", type=int, default=0, help="billed minutes per UTC day (0 = unlimited)")
     p.add_argument("--status", choices=("active", "blocked", "closed"), default="active")
     p.add_argument("--callerid", action="append", default=[], help="caller ID identifying it (repeatable)")
-    p.add_argument("--pin", help="PIN for calling-card access (4-32 digits)")
+    # A secret is never an argument (ps and shell history show those): the PIN comes from a file or stdin.
+    p.add_argument("--pin-file", type=Path, help="file holding the PIN for calling-card access (4-32 digits); "
+                                                 "'-' reads it from standard input")
     p.add_argument("--expires", help="expiry, ISO date or date-time (UTC unless it says otherwise)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--deny", help="comma-separated prefixes it may not call")
@@ -180,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, help="calls to place instead: start_s,account,destination,talk_s[,outcome]")
     p.add_argument("--plot", type=Path, help="write calls/s, live calls and latency over time to this PNG")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--fault", choices=FAULTS, help="inject a fault: kill (SIGKILL the daemon, then start it "
+                   "again), redis (restart the storm's own Redis empty), postgres (cut the daemon's connections), "
+                   "ami (cut the AMI connection); see docs/reliability.md")
+    p.add_argument("--fault-at", type=float, default=10.0, help="seconds after the first call")
+    p.add_argument("--fault-for", type=float, default=5.0, help="seconds the part stays down")
     p.set_defaults(command=cmd_storm)
 
     from a2bd import cli_billing
@@ -255,8 +263,8 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
         "vat_rate_ppm": _money(args.vat, field="--vat") // 100,  # percent -> parts per million
         "low_credit_threshold_micro": _money(args.low_credit, field="--low-credit"),
     }
-    if args.pin:
-        fields["pin"] = args.pin
+    if args.pin_file:
+        fields["pin"] = _pin(args.pin_file)
     if args.expires:
         fields["expires_at"] = _datetime(args.expires)
     if args.deny or args.allow:
@@ -288,6 +296,7 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_storm(args: argparse.Namespace, settings: Settings) -> int:
+    from a2bd.sim.faults import Fault
     from a2bd.sim.storm import StormPlan, storm_main
 
     if not (0 < args.rate <= 20_000 and 1 <= args.calls <= 1_000_000 and 1 <= args.accounts <= 100_000
@@ -296,7 +305,8 @@ async def cmd_storm(args: argparse.Namespace, settings: Settings) -> int:
                          "0 <= mean talk <= max talk <= 3600")
     plan = StormPlan(rate=args.rate, calls=args.calls, accounts=args.accounts, mean_talk_s=args.mean_talk,
                      max_talk_s=args.max_talk, answer_ratio=args.answer_ratio, seed=args.seed)
-    report = await storm_main(plan, args.csv, args.plot)
+    fault = Fault(args.fault, args.fault_at, args.fault_for) if args.fault else None
+    report = await storm_main(plan, args.csv, args.plot, fault=fault)
     summary = report.summary()
     if args.json:
         print(json.dumps({**summary, "discrepancy_list": report.verdict.discrepancies[:100]}, indent=2))
@@ -307,7 +317,11 @@ async def cmd_storm(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  discrepancy: {line}")
         if args.plot:
             print(f"plot               {args.plot}")
-    return 0 if report.verdict.ok else 1
+    recovered = report.fault is None or report.fault["recover_s"] is not None
+    if not recovered:
+        print(f"a2bd storm: the daemon did not recover from the {args.fault} fault before the storm ended",
+              file=sys.stderr)
+    return 0 if report.verdict.ok and recovered else 1
 
 
 async def cmd_account_set(args: argparse.Namespace, settings: Settings) -> int:
@@ -586,6 +600,18 @@ def _money(text: str, *, field: str) -> int:
         return parse_amount(text, field=field)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _pin(path: Path) -> str:
+    """The PIN in `path` ('-': standard input), checked here so that no error message ever repeats it."""
+    try:
+        text = sys.stdin.readline() if str(path) == "-" else path.read_text()
+    except OSError as exc:  # the path is not repeated: `--pin 1234` (argparse takes --pin for --pin-file) gets here
+        raise InputError(f"--pin-file: cannot read the file: {exc.strerror}") from None
+    pin = text.strip()
+    if not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 32):
+        raise InputError("--pin-file: the file must hold a PIN of 4 to 32 digits")
+    return pin
 
 
 def _timezone(name: str) -> str:

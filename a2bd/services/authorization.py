@@ -215,6 +215,8 @@ class Authorizer:
                 )
                 reservation = await self.store.reserve(number, call_id, first.hold_micro, now_ms, expires_ms,
                                                        version, encode_record(record))
+                if reservation is not None and reservation.outcome is ReserveOutcome.NOACCOUNT:
+                    reservation = None  # gone from Redis: read it again (an emptied Redis is an ERROR)
                 if reservation is not None:
                     decision = finish(first, reservation, billing.max_call_s)
                     if decision.ok:
@@ -254,6 +256,11 @@ class Authorizer:
     async def _load_account(self, number: str) -> tuple[AccountView, str] | None:
         """Read the account from Redis and remember it (bounded: the oldest is forgotten first)."""
         known = await self.store.account(number)
+        if known is None and not await self.store.is_synced():
+            # Redis restarted empty (or was never loaded): "no such account" would be a lie. Fail closed
+            # with ERROR (or fail open where allowed) until the daemon's watcher has reloaded it.
+            raise StoreUnavailable("Redis holds no accounts (restarted empty?): waiting for the reload from "
+                                   "PostgreSQL")
         memory = self._accounts
         memory.pop(number, None)
         if known is not None:

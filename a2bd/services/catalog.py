@@ -111,7 +111,10 @@ class ProviderCatalog:
         self.providers: dict[str, ProviderState] = {}
 
     async def refresh(self) -> None:
-        self.providers = await self.store.providers()
+        fresh = await self.store.providers()
+        if not fresh and self.providers and not await self.store.is_synced():
+            return  # Redis restarted empty: keep routing on the last known state until it is reloaded
+        self.providers = fresh
 
     async def follow(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

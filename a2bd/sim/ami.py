@@ -635,6 +635,8 @@ class SimAsterisk:
         self.host = host
         self._port = port
         self.agi = agi
+        #: A second a2bd, tried when `agi` refuses the connection (hagi:// and an SRV record listing both).
+        self.agi_backup: tuple[str, int] | None = None
         self._clock = clock
         self._cdr_sink = cdr_sink
         self.auth_fail_delay_s = auth_fail_delay_s
@@ -655,6 +657,8 @@ class SimAsterisk:
         self._started_at = clock()
         #: Every AMI Hangup action received, in order (for measuring how late a guard cut a call).
         self.hangup_actions: list[HangupAction] = []
+        #: When each successful AMI login happened (clock time): how soon a client came back after a cut.
+        self.login_times: list[float] = []
 
     # -- lifecycle
 
@@ -703,6 +707,22 @@ class SimAsterisk:
                 session.transport.abort()
             self._forget(session)
         await asyncio.sleep(0)
+
+    async def cut_ami(self) -> None:
+        """Cut the network to AMI: every connection dropped and new ones refused until `restore_ami`.
+        Calls go on; their events reach no one meanwhile."""
+        self._port = self.port  # to listen on the same port again
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        await self.drop_ami()
+
+    async def restore_ami(self) -> None:
+        """Listen on AMI's port again after `cut_ami`."""
+        if self._server is None:
+            loop = asyncio.get_running_loop()
+            self._server = await loop.create_server(lambda: _AmiSession(self), self.host, self._port)
 
     def stall_ami(self, stalled: bool) -> None:
         """Stop (True) or resume (False) reading and writing on every AMI connection, without closing:
@@ -822,6 +842,7 @@ class SimAsterisk:
                 f"RemoteAddress: IPV4/TCP/{session.peer[0]}/{session.peer[1]}\r\nUsingPassword: 0\r\n"
                 f"SessionTV: {tv}\r\n\r\n".encode(),
             )
+        self.login_times.append(self._clock())
         self._logins.set()
 
     def _logoff(self, session: _AmiSession, headers: list[tuple[str, str]], action_id: str) -> None:
@@ -1170,6 +1191,15 @@ class SimAsterisk:
                 result = await run_session(host, port, env, timeout_s=self.agi_timeout_s)
             except OSError:
                 result = None  # refused: AGISTATUS=FAILURE at once, no AGIExec events (transcript 07)
+                if self.agi_backup is not None:
+                    # A2BD_URL = hagi://... with an SRV record listing two a2bd (asterisk_conf/README.md):
+                    # res_agi tries the next target when one refuses the connection.
+                    host, port = self.agi_backup
+                    try:
+                        result = await run_session(host, port, {**env, "agi_request": f"agi://{host}:{port}"
+                                                                f"/authorize"}, timeout_s=self.agi_timeout_s)
+                    except OSError:
+                        result = None
             call.result.authorize_s = time.perf_counter() - began
         if result is not None:
             call.result.variables = dict(result.variables)

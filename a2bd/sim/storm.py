@@ -21,6 +21,7 @@ and a verdict, and exits 1 on any discrepancy. `--plot` draws calls/s, live call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import itertools
 import math
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,7 +50,10 @@ from a2bd.domain.rating import cost_micro
 from a2bd.domain.tariff import RateEntry, Tariff
 from a2bd.errors import InputError
 from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk, manager_event_names
+from a2bd.sim.cdr import CdrTable, create_table
+from a2bd.sim.faults import Fault, Injection, RedisServer, fault_report, inject
 from a2bd.sim.measure import free_port, percentile, proc_cpu_s, proc_rss_mib
+from a2bd.sim.proxy import TcpProxy, proxied
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "sample_tariff.csv"
 # The AMI user's event filters come from the manager.conf the project ships: the simulated Asterisk sends
@@ -185,6 +189,11 @@ class Outcome:
 class Verdict:
     discrepancies: list[str] = field(default_factory=list)
     expected_micro: dict[str, int] = field(default_factory=dict)
+    missing: int = 0  # answered calls with no ledger line
+    doubled: int = 0  # calls with more than one ledger line
+    # Accounts past the guard's bound. A discrepancy, unless the run took the guard's eyes or hands away
+    # (AMI cut, daemon killed): then only the Dial L() limit bounds a call, and the overspend is reported.
+    over_bound: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -194,6 +203,7 @@ class Verdict:
 def check_books(
     accounts: Sequence[StormAccount], outcomes: Sequence[Outcome], entries: Sequence[RateEntry],
     ledger: Sequence[tuple[str, str, int]], pg_balances: dict[str, int], redis_balances: dict[str, int | None],
+    *, guard_blinded: bool = False,
 ) -> Verdict:
     """Compare what the simulator did with the books. `ledger`: (call id, account, amount) of every call
     line; balances by account number. Prices come from the rate card and the simulator's billable
@@ -220,6 +230,7 @@ def check_books(
     seen = Counter(call_id for call_id, _, _ in ledger)
     for call_id, count in seen.items():
         if count > 1:
+            verdict.doubled += 1
             verdict.discrepancies.append(f"{call_id}: {count} ledger lines (doubled)")
         if call_id not in answered:
             verdict.discrepancies.append(f"{call_id}: a ledger line for a call that was not answered")
@@ -228,6 +239,7 @@ def check_books(
             verdict.discrepancies.append(f"{call_id}: billed {format_amount(-amount)} to {account}, expected "
                                          f"{format_amount(answered[call_id][1])} to {answered[call_id][0]}")
     for call_id in answered.keys() - seen.keys():
+        verdict.missing += 1
         verdict.discrepancies.append(f"{call_id}: answered but missing from the ledger")
     for number, want in expected.items():
         if pg_balances.get(number) != want:
@@ -240,8 +252,11 @@ def check_books(
         live_max = acct.max_calls or 20
         bound = -live_max * increment
         if want + acct.credit_limit_micro < bound:
-            verdict.discrepancies.append(f"account {number}: available credit {format_amount(want)} below the "
-                                         f"guard's bound {format_amount(bound)}")
+            line = f"account {number}: available credit {format_amount(want)} below the guard's bound " \
+                   f"{format_amount(bound)}"
+            verdict.over_bound.append(line)
+            if not guard_blinded:
+                verdict.discrepancies.append(line)
     verdict.expected_micro = expected
     return verdict
 
@@ -269,6 +284,7 @@ class StormReport:
     daemon_log: list[str] = field(default_factory=list)  # what the daemon logged (level warning and up)
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process during the storm
     scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the daemon's /metrics, 1/s
+    fault: dict[str, Any] | None = None  # a2bd.sim.faults.fault_report, when a fault was injected
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.result.authorize_s for o in self.outcomes if o.result.authorize_s is not None)
@@ -288,8 +304,10 @@ class StormReport:
             "daemon_cpu_us_per_call": round(self.cpu.get("daemon_cpu_s", 0) * 1e6 / max(len(self.outcomes), 1)),
             "live_calls_max": max((n for _, n in self.live_samples), default=0),
             "discrepancies": len(self.verdict.discrepancies),
+            "over_guard_bound": len(self.verdict.over_bound),
             "daemon_warnings": len(self.daemon_log),
             "verdict": "OK" if self.verdict.ok else "WRONG",
+            **({"fault": self.fault} if self.fault is not None else {}),
         }
 
 
@@ -320,13 +338,13 @@ async def _scrape(port: int, into: list[tuple[float, dict[str, float]]], every_s
         await asyncio.sleep(every_s)
 
 
-async def _peak_rss(pid: int, peak: list[float]) -> None:
-    """The daemon's largest resident set (MiB) seen, sampled four times a second, until it is gone."""
+async def _peak_rss(pid: Callable[[], int | None], peak: list[float]) -> None:
+    """The daemon's largest resident set (MiB) seen, sampled four times a second (across restarts)."""
     while True:
-        try:
-            peak[0] = max(peak[0], proc_rss_mib(pid))
-        except OSError:
-            return
+        number = pid()
+        if number is not None:
+            with contextlib.suppress(OSError):  # gone between the check and the read
+                peak[0] = max(peak[0], proc_rss_mib(number))
         await asyncio.sleep(0.25)
 
 
@@ -350,65 +368,165 @@ async def setup_world(pg_url: str, accounts: Sequence[StormAccount], entries: Se
         await conn.close()
 
 
+class _Serve:
+    """`a2bd serve` as a child process with its log in a file; the kill fault kills it and starts it again.
+    Its CPU is summed over every process it was."""
+
+    def __init__(self, config: Path, env: dict[str, str], log_path: Path, agi_port: int) -> None:
+        self.config, self.env, self.log_path, self.agi_port = config, env, log_path, agi_port
+        self.proc: asyncio.subprocess.Process | None = None
+        self._cpu_before = 0.0  # CPU of the processes already gone
+        self._cpu0 = 0.0  # the current process's CPU when the count began
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log_file:  # the child keeps its own descriptor
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "a2bd", "--config", str(self.config), "serve", env=self.env,
+                stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+        await _wait_port(self.agi_port, self.proc, self.log_path)
+        self._cpu0 = 0.0
+
+    def count_cpu_from_now(self) -> None:
+        self._cpu_before, self._cpu0 = 0.0, proc_cpu_s(self.pid) if self.pid else 0.0
+
+    def cpu_s(self) -> float:
+        return self._cpu_before + (proc_cpu_s(self.pid) - self._cpu0 if self.pid else 0.0)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self._cpu_before += proc_cpu_s(self.proc.pid) - self._cpu0
+            self.proc.kill()
+            await self.proc.wait()
+
+    async def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(30):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
 async def run_storm(
     calls: Sequence[PlannedCall], accounts: Sequence[StormAccount], entries: Sequence[RateEntry], *,
-    pg_url: str, redis_url: str,
+    pg_url: str, redis_url: str, fault: Fault | None = None,
 ) -> StormReport:
-    """Set up, start the simulator and the daemon, place the calls on time, then check the books."""
+    """Set up, start the simulator and the daemon, place the calls on time (injecting `fault`), then check
+    the books."""
     await setup_world(pg_url, accounts, entries)
-    secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
-    sim = SimAsterisk(username="a2bd", secret=secret, seed=7,
-                      event_names=manager_event_names(MANAGER_CONF.read_text(), "a2bd"))
-    await sim.start()
-    agi_port, metrics_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="a2bd-storm-") as tmp:
-        config = Path(tmp) / "a2bd.toml"
-        config.write_text(
-            f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
-            f'[log]\nlevel = "warning"\n'
-            f'[billing]\nscheduler_interval_s = 0\n'
-            f'[[asterisk]]\nname = "{SERVER}"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
-            f'secret = "{secret}"\n'
-        )
-        env = {**os.environ, "A2BD_PG_URL": pg_url, "A2BD_REDIS_URL": redis_url}
-        # The daemon's log goes to a file: a pipe nobody reads fills up and blocks the daemon's writes.
-        log_path = Path(tmp) / "a2bd.log"
-        log_file = log_path.open("wb")
-        daemon = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "a2bd", "--config", str(config), "serve", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
-        try:
-            await _wait_port(agi_port, daemon, log_path)
-            async with asyncio.timeout(20):
-                await sim.wait_logged_in()
-            sim.agi = ("127.0.0.1", agi_port)
-            sim_cpu0, daemon_cpu0 = time.process_time(), proc_cpu_s(daemon.pid)
-            scrapes: list[tuple[float, dict[str, float]]] = []
-            scraper = asyncio.create_task(_scrape(metrics_port, scrapes))
-            rss: list[float] = [0.0]
-            watcher = asyncio.create_task(_peak_rss(daemon.pid, rss))
+    async with contextlib.AsyncExitStack() as stack:
+        daemon_pg, daemon_redis, cdr_table = pg_url, redis_url, ""
+        redis_server: RedisServer | None = None
+        proxy: TcpProxy | None = None
+        sink: CdrTable | None = None
+        if fault is not None:
+            # A fault run bills calls that ended unheard from cdr_pgsql's table, as a deployment should.
+            conn = await asyncpg.connect(pg_url)
             try:
-                outcomes, live, started = await _place(sim, calls)
+                await create_table(conn)
             finally:
-                scraper.cancel()
-                watcher.cancel()
-            verdict = await _books(pg_url, redis_url, accounts, outcomes, entries)
-            cpu = {"daemon_cpu_s": round(proc_cpu_s(daemon.pid) - daemon_cpu0, 2),
-                   "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2),
-                   "daemon_peak_rss_mib": round(rss[0], 1)}
+                await conn.close()
+            pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=4)
+            stack.push_async_callback(pool.close)
+            sink, cdr_table = CdrTable(pool), "cdr"
+            if fault.kind == "redis":
+                redis_server = RedisServer(free_port())
+                await redis_server.start()
+                stack.push_async_callback(redis_server.stop)
+                daemon_redis = redis_url = redis_server.url
+            elif fault.kind == "postgres":
+                proxy, daemon_pg = await stack.enter_async_context(proxied(pg_url))
+        secret = secrets.token_hex(16)  # the simulated Asterisk's AMI secret, for this run only
+        sim = SimAsterisk(username="a2bd", secret=secret, seed=7, cdr_sink=sink,
+                          event_names=manager_event_names(MANAGER_CONF.read_text(), "a2bd"))
+        await sim.start()
+        stack.push_async_callback(sim.close)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="a2bd-storm-")))
+        # A fault run reconciles every 5 s and rates a gone call from the CDR table once it is 2 s old (the
+        # AMI path's cdr_wait_s): the defaults (120 s, 60 s) are for a quiet production day, not a test.
+        tuned = "reconcile_interval_s = 5\nreconcile_cdr_age_s = 2\n" if fault is not None else ""
+        env = {**os.environ, "A2BD_PG_URL": daemon_pg, "A2BD_REDIS_URL": daemon_redis}
+        serves: list[_Serve] = []
+        metrics_ports: list[int] = []
+        for n in range(2 if fault is not None and fault.kind == "twin" else 1):
+            agi_port, metrics_port = free_port(), free_port()
+            config = tmp / f"a2bd-{n}.toml"
+            config.write_text(
+                f'[agi]\nhost = "127.0.0.1"\nport = {agi_port}\n'
+                f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
+                f'[log]\nlevel = "warning"\n'
+                f'[billing]\nscheduler_interval_s = 0\n{tuned}'
+                f'[[asterisk]]\nname = "{SERVER}"\nhost = "127.0.0.1"\nport = {sim.port}\nusername = "a2bd"\n'
+                f'secret = "{secret}"\n' + (f'cdr_table = "{cdr_table}"\n' if cdr_table else "")
+            )
+            # The daemon's log goes to a file: a pipe nobody reads fills up and blocks the daemon's writes.
+            serve = _Serve(config, env, tmp / f"a2bd-{n}.log", agi_port)
+            stack.push_async_callback(serve.stop)
+            await serve.start()
+            serves.append(serve)
+            metrics_ports.append(metrics_port)
+        serve = serves[0]
+        async with asyncio.timeout(20):
+            await sim.wait_logged_in(len(serves))
+        sim.agi = ("127.0.0.1", serves[0].agi_port)
+        if len(serves) > 1:  # hagi:// with both in the SRV record: the second takes over when the first refuses
+            sim.agi_backup = ("127.0.0.1", serves[1].agi_port)
+        injection = Injection(fault) if fault is not None else None
+        steps = _fault_steps(fault, serve, redis_server, proxy, sim) if fault is not None else None
+        sim_cpu0 = time.process_time()
+        for one in serves:
+            one.count_cpu_from_now()
+        scrapes: list[tuple[float, dict[str, float]]] = []
+        # The survivor's metrics in a twin run; else the only daemon's.
+        scraper = asyncio.create_task(_scrape(metrics_ports[-1], scrapes))
+        rss: list[float] = [0.0]
+        watcher = asyncio.create_task(_peak_rss(lambda: serve.pid, rss))
+        try:
+            outcomes, live, started = await _place(sim, calls, injection, steps)
         finally:
-            if daemon.returncode is None:
-                daemon.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await daemon.wait()
-            except TimeoutError:
-                daemon.kill()
-                await daemon.wait()
-            log_file.close()
-            await sim.close()
-            log_lines = log_path.read_text(errors="replace").splitlines()
-    return StormReport(outcomes, started, live, verdict, log_lines, cpu, scrapes)
+            scraper.cancel()
+            watcher.cancel()
+        verdict = await _books(pg_url, redis_url, accounts, outcomes, entries,
+                               drain_s=DRAIN_S if fault is None else 3 * DRAIN_S,
+                               guard_blinded=fault is not None and fault.kind in ("ami", "kill"))
+        cpu = {"daemon_cpu_s": round(sum(one.cpu_s() for one in serves), 2),
+               "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2),
+               "daemon_peak_rss_mib": round(rss[0], 1)}
+        log_lines: list[str] = []
+        for n, one in enumerate(serves):
+            await one.stop()
+            log_lines += (tmp / f"a2bd-{n}.log").read_text(errors="replace").splitlines()
+        faults = None
+        if injection is not None:
+            faults = fault_report(injection, outcomes, scrapes, sim.login_times, verdict.missing, verdict.doubled)
+    return StormReport(outcomes, started, live, verdict, log_lines, cpu, scrapes, faults)
+
+
+def _fault_steps(fault: Fault, serve: _Serve, redis_server: RedisServer | None, proxy: TcpProxy | None,
+                 sim: SimAsterisk) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+    """(take the part down, bring it back) for `fault`."""
+    if fault.kind == "kill":
+        return serve.kill, serve.start
+    if fault.kind == "twin":  # the first of two daemons is killed for good; the second carries on
+        async def stays_down() -> None:
+            return None
+
+        return serve.kill, stays_down
+    if fault.kind == "redis":
+        assert redis_server is not None
+        return redis_server.kill, redis_server.start
+    if fault.kind == "postgres":
+        assert proxy is not None
+        return proxy.refuse, proxy.restore
+    return sim.cut_ami, sim.restore_ami
 
 
 async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path) -> None:
@@ -425,7 +543,8 @@ async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path
     raise InputError("a2bd serve did not listen within 30 s")
 
 
-async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall]
+async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], injection: Injection | None = None,
+                 steps: tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]] | None = None,
                  ) -> tuple[list[Outcome], list[tuple[float, int]], float]:
     outcomes: list[Outcome] = []
     live: list[tuple[float, int]] = []
@@ -452,6 +571,9 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall]
             await asyncio.sleep(0.25)
 
     sampler = asyncio.create_task(sample())
+    fault: asyncio.Task[None] | None = None
+    if injection is not None and steps is not None:
+        fault = asyncio.create_task(inject(injection, *steps, in_flight=lambda: len(tasks), started=start))
     try:
         for planned in calls:
             delay = start + planned.at_s - time.monotonic()
@@ -464,7 +586,12 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall]
         async with asyncio.timeout(max((c.talk_s for c in calls), default=0) + 120):
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
+        if fault is not None:  # a fault that outlasts the calls is still ended before the books
+            async with asyncio.timeout(injection.fault.at_s + injection.fault.for_s + 60 if injection else 60):
+                await fault
     finally:
+        if fault is not None:
+            fault.cancel()
         sampler.cancel()
         for task in list(tasks):
             task.cancel()
@@ -472,12 +599,12 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall]
 
 
 async def _books(pg_url: str, redis_url: str, accounts: Sequence[StormAccount], outcomes: Sequence[Outcome],
-                 entries: Sequence[RateEntry]) -> Verdict:
+                 entries: Sequence[RateEntry], drain_s: float = DRAIN_S, guard_blinded: bool = False) -> Verdict:
     answered = sum(o.result.disposition == "ANSWERED" for o in outcomes)
     conn = await asyncpg.connect(pg_url)
     store = RedisStore.from_url(redis_url, 2.0)
     try:
-        deadline = time.monotonic() + DRAIN_S
+        deadline = time.monotonic() + drain_s
         while time.monotonic() < deadline:  # the daemon writes in batches: wait for the last one (bounded)
             if await conn.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") >= answered:
                 break
@@ -495,7 +622,7 @@ async def _books(pg_url: str, redis_url: str, accounts: Sequence[StormAccount], 
     finally:
         await conn.close()
         await store.close()
-    return check_books(accounts, outcomes, entries, ledger, pg_balances, redis_balances)
+    return check_books(accounts, outcomes, entries, ledger, pg_balances, redis_balances, guard_blinded=guard_blinded)
 
 
 def dashboard_path(plot_path: Path) -> Path:
@@ -616,7 +743,7 @@ def load_entries(path: Path = SAMPLE) -> list[RateEntry]:
 
 
 async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | None,
-                     urls: tuple[str, str, str] | None = None) -> StormReport:
+                     urls: tuple[str, str, str] | None = None, fault: Fault | None = None) -> StormReport:
     """`a2bd storm`: a scratch database and Redis db, created and dropped. `urls`: (admin PostgreSQL, the
     scratch database, the Redis db) to use instead of `a2bd_storm` and db 12 on the machine's servers."""
     from a2bd.devservers import find_servers, with_database, with_redis_db
@@ -640,7 +767,7 @@ async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | N
         if strangers:
             raise InputError(f"calls name accounts the storm does not create: {', '.join(strangers[:10])} "
                              f"(its accounts are {min(known)}..{max(known)})")
-        report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url)
+        report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url, fault=fault)
         if plot_path is not None:
             plot(report, plot_path)
             plot_dashboard(report, dashboard_path(plot_path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -30,8 +29,9 @@ from a2bd.daemon import Daemon
 from a2bd.domain.rating import SellRate, cost_micro
 from a2bd.domain.tariff import BuyRate, RateEntry
 from a2bd.observability import REGISTRY
-from a2bd.sim.ami import CallSpec, CdrRecord, SimAsterisk
-from tests.proxy import proxied
+from a2bd.sim.ami import CallSpec, SimAsterisk
+from a2bd.sim.cdr import CdrTable, create_table
+from a2bd.sim.proxy import proxied
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -41,15 +41,6 @@ FAST = SellRate(rate_per_min_micro=6_000_000)
 NORMAL = SellRate(rate_per_min_micro=120_000, initial_block_s=30, increment_s=6)
 FAST_BUY = BuyRate(3_000_000)
 NORMAL_BUY = BuyRate(60_000, 30, 6)
-
-CDR_TABLE = """
-CREATE TABLE IF NOT EXISTS cdr (
-    accountcode text, src text, dst text, dcontext text, clid text, channel text, dstchannel text,
-    lastapp text, lastdata text, start timestamp, answer timestamp, "end" timestamp, duration integer,
-    billsec integer, disposition text, amaflags text, userfield text, uniqueid text, linkedid text,
-    peeraccount text, sequence integer
-)"""
-
 
 async def seed(pg: asyncpg.Connection) -> None:
     await postgres.add_provider(pg, "carrier-a", "PJSIP/{number}@carrier-a")
@@ -66,7 +57,7 @@ async def seed(pg: asyncpg.Connection) -> None:
     await add(pg, number="1000000003", tariff="retail", initial_balance_micro=10_000_000, daily_limit_s=2)
     await add(pg, number="1000000004", tariff="retail", initial_balance_micro=10_000_000,
               low_credit_threshold_micro=9_990_000)
-    await pg.execute(CDR_TABLE)
+    await create_table(pg)
     await pg.execute("TRUNCATE cdr")
 
 
@@ -113,19 +104,8 @@ def settings_for(pg_url: str, redis_url: str, ami_port: int, *, cdr_table: str =
 async def rig(pg: asyncpg.Connection, pg_url: str, store: RedisStore, redis_url: str) -> AsyncIterator[Rig]:
     await seed(pg)
 
-    async def cdr_sink(rec: CdrRecord) -> None:  # cdr_pgsql: every Cdr also lands in the table
-        def ts(t: float | None) -> datetime | None:
-            return None if t is None else datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
-
-        await pg_pool.execute(
-            'INSERT INTO cdr (accountcode, src, dst, channel, lastapp, start, answer, "end", duration, billsec,'
-            " disposition, uniqueid, linkedid) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            rec.accountcode, rec.src, rec.dst, rec.channel, rec.lastapp, ts(rec.start), ts(rec.answer),
-            ts(rec.end), rec.duration, rec.billsec, rec.disposition, rec.uniqueid, rec.linkedid,
-        )
-
     pg_pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=2)
-    sim = SimAsterisk(username="a2bd", secret=SECRET, cdr_sink=cdr_sink, seed=7)
+    sim = SimAsterisk(username="a2bd", secret=SECRET, cdr_sink=CdrTable(pg_pool), seed=7)
     await sim.start()
     daemon = Daemon(settings_for(pg_url, redis_url, sim.port, cdr_table="cdr", reconcile_interval_s=3600))
     try:

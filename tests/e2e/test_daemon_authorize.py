@@ -30,7 +30,7 @@ from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import SellRate, cost_micro, max_duration_s
 from a2bd.observability import REGISTRY
 from a2bd.sim.agi import SimResult, make_environment, run_session
-from tests.proxy import TcpProxy, proxied
+from a2bd.sim.proxy import TcpProxy, proxied
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 SAMPLE = Path(__file__).resolve().parents[2] / "examples" / "sample_tariff.csv"
@@ -295,6 +295,23 @@ async def test_redis_down_fails_closed_and_recovers(pg: asyncpg.Connection, pg_u
                 break
             await asyncio.sleep(0.1)
         assert status == "OK"
+
+
+async def test_redis_emptied_answers_error_not_noaccount_until_reloaded(daemon: Daemon, store: RedisStore) -> None:
+    # Redis restarted empty: every account is missing from it, and "no such account" would be a lie told
+    # to the dialplan. The daemon answers ERROR until its watcher has reloaded Redis (within a second or so).
+    assert (await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"] == "OK"
+    await store.client.flushdb()
+    first = await call(daemon, "33123456789", accountcode="1000000001")
+    assert (first.variables["A2B_STATUS"], first.variables["A2B_HANGUPCAUSE"]) == ("ERROR", "38")
+    statuses = [first.variables["A2B_STATUS"]]
+    async with asyncio.timeout(15):
+        while statuses[-1] != "OK":
+            await asyncio.sleep(0.2)
+            statuses.append((await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"])
+    assert set(statuses) == {"ERROR", "OK"}  # never NOACCOUNT on the way
+    unknown = await call(daemon, "33123456789", accountcode="9999999999")
+    assert unknown.variables["A2B_STATUS"] == "NOACCOUNT"  # once loaded, an unknown account is NOACCOUNT again
 
 
 async def test_fail_open_lets_a_known_postpaid_account_through(pg: asyncpg.Connection, pg_url: str,

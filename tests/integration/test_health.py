@@ -16,8 +16,8 @@ from a2bd.ami.client import AmiClient
 from a2bd.api.health import daemon_health
 from a2bd.api.metrics import start_metrics_server
 from a2bd.sim.ami import SimAsterisk
+from a2bd.sim.proxy import TcpProxy, proxied
 from tests.e2e.test_metrics_endpoint import get
-from tests.proxy import TcpProxy, proxied
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 from a2bd.adapters.redis_mux import RedisMux
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.errors import StoreUnavailable
-from tests.proxy import proxied
+from a2bd.sim.proxy import proxied
 
 pytestmark = pytest.mark.integration
 

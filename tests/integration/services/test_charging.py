@@ -31,8 +31,8 @@ from a2bd.domain.tariff import BuyRate
 from a2bd.observability import REGISTRY
 from a2bd.services.charging import LedgerWriter, to_line
 from a2bd.services.sync import sync_redis
+from a2bd.sim.proxy import proxied
 from tests.conftest import empty_database
-from tests.proxy import proxied
 
 pytestmark = pytest.mark.integration
 

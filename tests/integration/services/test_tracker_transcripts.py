@@ -18,7 +18,7 @@ from a2bd.domain.calls import CallRecord, EndedCall, encode_record
 from a2bd.domain.rating import SellRate
 from a2bd.domain.tariff import BuyRate
 from a2bd.services.tracker import CallTracker, RecentCalls
-from tests.proxy import proxied
+from a2bd.sim.proxy import proxied
 from tests.transcripts import FIXTURES, load_capture
 
 pytestmark = pytest.mark.integration

@@ -653,6 +653,29 @@ async def test_drop_ami_closes_connections_and_calls_go_on(sim: SimAsterisk, cli
     assert result.disposition == "ANSWERED"
 
 
+async def test_cut_ami_refuses_connections_until_restored_on_the_same_port(sim: SimAsterisk, client: Ami) -> None:
+    await client.login()
+    port = sim.port
+    async with asyncio.timeout(10):
+        task = asyncio.create_task(sim.call(CallSpec(extension="2000", talk_s=0.3)))
+        await client.until(lambda m: get(m, "Event") == "BridgeEnter")
+        await sim.cut_ami()
+        with contextlib.suppress(ConnectionError):
+            while await client.reader.read(65536):
+                pass
+        with pytest.raises(OSError):
+            await Ami.connect(port)  # refused while cut
+        result = await task  # the call went on without AMI
+        await sim.restore_ami()
+        late = await Ami.connect(port)
+        try:
+            await late.login(events="call,cdr")
+            assert sim.logged_in == 1
+        finally:
+            await late.close()
+    assert result.disposition == "ANSWERED"
+
+
 async def test_stalled_ami_answers_nothing_until_resumed(sim: SimAsterisk, client: Ami) -> None:
     await client.login(events="off")
     sim.stall_ami(True)

@@ -112,3 +112,15 @@ def test_an_authorized_blocked_account_and_an_overspent_one_are_discrepancies() 
     balances = {PREPAID.number: 1_000_000 - price, BLOCKED.number: 10_000_000}
     found = books([long_call], [("storm/3", PREPAID.number, -price)], balances, dict(balances))
     assert any("below the guard's bound" in line for line in found)
+
+
+def test_past_the_guards_bound_is_only_reported_when_a_fault_blinded_the_guard() -> None:
+    long_call = answered("3", PREPAID, 60_000)
+    price = cost_micro(FRANCE.sell, 60_000)
+    balances = {PREPAID.number: 1_000_000 - price, BLOCKED.number: 10_000_000}
+    ledger = [("storm/3", PREPAID.number, -price)]
+    seen = check_books([PREPAID, BLOCKED], [long_call], ENTRIES, ledger, balances, dict(balances))
+    blinded = check_books([PREPAID, BLOCKED], [long_call], ENTRIES, ledger, balances, dict(balances),
+                          guard_blinded=True)
+    assert len(seen.over_bound) == len(blinded.over_bound) == 1
+    assert seen.discrepancies == seen.over_bound and blinded.discrepancies == []

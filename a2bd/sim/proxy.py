@@ -1,4 +1,4 @@
-"""A TCP proxy on loopback that a test can cut, as asyncpg's test_adversity does to a real server.
+"""A TCP proxy on loopback that a test or a fault storm can cut, as asyncpg's test_adversity does to a real server.
 
 `refuse()` drops every connection and closes the listening port (connection refused); `blackhole()`
 keeps accepting but forwards nothing (the peer stalls until its timeout); `stall()` keeps the open
