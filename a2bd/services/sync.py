@@ -2,7 +2,9 @@
 
 Run at every daemon start and by `a2bd sync`. Balances are copied from PostgreSQL with the id of the newest
 ledger line they include, and applied only where Redis is not already ahead (a daemon settling calls
-meanwhile); live reservations are left untouched (the reconciler settles those whose call has ended).
+meanwhile); live reservations are left untouched (the reconciler settles those whose call has ended). The
+snapshot is read and written twice: the second pass levels calls committed while the first was written
+(a storm with Redis restarted empty found three such balances left behind).
 Index keys (caller ID, PIN) that no longer belong to any account are removed.
 """
 
@@ -31,6 +33,12 @@ async def sync_redis(conn: asyncpg.Connection, store: RedisStore) -> SyncReport:
     wanted |= {pin_key(a["pin"]) for a in accounts if a["pin"]}
     n_accounts = await store.put_accounts([dict(a) for a in accounts])
     n_providers = await store.put_providers([dict(p) for p in providers])
+    # A call committed after the snapshot above was read, whose settle came before its account was written
+    # back into an emptied Redis, found nothing to settle (settle.lua skips a missing account). Read the
+    # balances once more, now that every account is in Redis: rebase.lua applies only what is newer, and
+    # any later commit settles normally.
+    await store.put_accounts([dict(a) for a in await postgres.accounts_for_sync(conn)])
+    await store.put_providers([dict(p) for p in await postgres.providers_for_sync(conn)])
     stale: list[str] = []
     for pattern in ("a2b:cid:*", "a2b:pin:*"):
         stale += [key for key in await store.scan(pattern) if key not in wanted]

@@ -140,6 +140,8 @@ def fault_report(injection: Injection, outcomes: Sequence[Any], scrapes: Sequenc
         "fault": fault.kind,
         "fault_at_s": fault.at_s,
         "fault_for_s": fault.for_s,
+        "injected_at": round(t0, 3),  # wall clock
+        "restored_at": round(t1, 3),
         "calls_in_flight": injection.in_flight,
         "calls_lost": missing,
         "calls_doubled": doubled,

@@ -102,8 +102,12 @@ async def test_one_of_two_daemons_killed_the_other_authorizes_and_guards(
     plan = StormPlan(rate=100, calls=2000, accounts=300, mean_talk_s=3.0, max_talk_s=8.0, seed=65)
     report, row = await storm(pg_url, redis_url, plan, Fault("twin", at_s=4.0, for_s=3.0))
     during = row["statuses_during_fault"]
-    assert during.get("OK", 0) > 150 and AGI_FAILED not in during and "ERROR" not in during
-    killed_at = report.started + 4.0
+    assert during.get("OK", 0) > 150 and "ERROR" not in during
+    # Only a session under way on the first daemon when it died fails (Asterisk does not retry a session
+    # cut mid-way); every call placed after that went to the second.
+    killed_at = row["injected_at"]
+    failed = [o.started_at - killed_at for o in report.outcomes if o.result.status is None]
+    assert all(-1.0 < lag < 0.5 for lag in failed), failed
     cut_after = [o for o in report.outcomes if o.result.ended_by == "ami_hangup"
                  and o.result.ended_at is not None and o.result.ended_at > killed_at + 1.0]
     assert cut_after, "no credit was cut by the surviving daemon's guard"

@@ -161,6 +161,9 @@ class FakeStore:
     async def account_version(self, number: str) -> str | None:
         return None
 
+    async def is_synced(self) -> bool:
+        return True  # loaded, and the account is simply not there
+
 
 async def test_two_concurrent_sessions_each_log_their_own_call(json_logging: None,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:

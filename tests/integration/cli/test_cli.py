@@ -31,11 +31,13 @@ async def setup_tariff(capsys: pytest.CaptureFixture[str]) -> None:
     assert "11 rates imported" in capsys.readouterr().out
 
 
-async def test_account_add_show_and_explain(pg: asyncpg.Connection, store: RedisStore,
+async def test_account_add_show_and_explain(pg: asyncpg.Connection, store: RedisStore, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     await setup_tariff(capsys)
+    (tmp_path / "pin").write_text("8080\n")  # a secret is never an argument
     assert await a2bd("account", "add", "--tariff", "retail", "--balance", "12.50", "--credit-limit", "5",
-                      "--max-calls", "3", "--callerid", "33123456789", "--pin", "8080", "--deny", "1900,+4490",
+                      "--max-calls", "3", "--callerid", "33123456789", "--pin-file", str(tmp_path / "pin"),
+                      "--deny", "1900,+4490",
                       "--timezone", "Europe/Paris", "--vat", "20", "--name", "Ada") == 0
     number = capsys.readouterr().out.strip()
     assert len(number) == 10 and number.isdigit() and number[0] != "0"
