@@ -67,12 +67,20 @@ def migrations(directory: Path | None = None) -> list[Migration]:
     return [Migration(p.stem, p) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))]
 
 
+# Once sql/0004_roles.sql made a2bd_owner the owner of the schema, every migration runs as it, so that what
+# later migrations create is the owner's too (whoever of its members applies them).
+_OWNED_SCHEMA = ("SELECT pg_get_userbyid(relowner) = 'a2bd_owner' FROM pg_class"
+                 " WHERE oid = 'schema_migrations'::regclass")
+
+
 async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> list[str]:
     """Apply the migrations not yet recorded; return the versions applied now (idempotent)."""
-    await conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations ("
-        " version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-    )
+    # Created only when missing: a member of a2bd_owner may have no CREATE privilege of its own on the schema.
+    if await conn.fetchval("SELECT to_regclass('schema_migrations') IS NULL"):
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
     applied: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
@@ -86,6 +94,8 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
                     )
                 continue
             async with conn.transaction():
+                if await conn.fetchval(_OWNED_SCHEMA):
+                    await _become_owner(conn)
                 await conn.execute(mig.path.read_text())
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
@@ -95,6 +105,15 @@ async def migrate(conn: asyncpg.Connection, directory: Path | None = None) -> li
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied
+
+
+async def _become_owner(conn: asyncpg.Connection) -> None:
+    user = await conn.fetchval("SELECT current_user")
+    try:
+        await conn.execute("SET LOCAL ROLE a2bd_owner")
+    except asyncpg.InsufficientPrivilegeError:
+        raise InputError(f"migrations run as the schema's owner a2bd_owner, and role {user} is not a member of it:"
+                         " connect as a member (see sql/0004_roles.sql), not as the daemon's a2bd_app") from None
 
 
 # -- tariffs ------------------------------------------------------------------------------------------
