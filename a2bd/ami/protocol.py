@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, overload
+from typing import Final, NoReturn, overload
 
 from a2bd.errors import AmiValueError, ProtocolError
 
@@ -197,10 +197,12 @@ class AmiParser:
     False to parse a stream without one (what a client sends, for a fake server).
 
     A message that grows past `max_message_bytes` without its terminator raises ProtocolError, as does a
-    first line that is not the banner; the connection must then be dropped (the parser is left unusable).
+    first line that is not the banner; the connection must then be dropped: the parser lets go of what it
+    held and refuses every later feed the same way. Between feeds it never holds more than
+    `max_message_bytes` (tests/unit/ami/test_fuzz.py).
     """
 
-    __slots__ = ("_buffer", "_events", "_expect_banner", "_max", "_scan_from", "banner", "skipped")
+    __slots__ = ("_buffer", "_events", "_expect_banner", "_max", "_refused", "_scan_from", "banner", "skipped")
 
     def __init__(self, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, expect_banner: bool = True,
                  events: frozenset[str] | None = None) -> None:
@@ -214,6 +216,7 @@ class AmiParser:
         self._expect_banner = expect_banner
         self._buffer = bytearray()  # an incomplete message (or banner line)
         self._scan_from = 0  # where in _buffer the terminator search resumes
+        self._refused: tuple[str, bytes] | None = None  # why the stream was refused, raised by every feed
 
     @property
     def buffered(self) -> int:
@@ -228,9 +231,9 @@ class AmiParser:
         that overflow follow complete messages in the same feed, those are returned first and the next
         feed raises).
         """
+        if self._refused is not None:  # refused already, or an oversized tail left by the last feed
+            raise ProtocolError(*self._refused)
         buffer = self._buffer
-        if len(buffer) > self._max:
-            self._check_size()  # left over from the last feed, which returned the messages before it
         if buffer or self._expect_banner:
             buffer += data
             if self._expect_banner:
@@ -253,8 +256,11 @@ class AmiParser:
             return []
         blocks = data.split(_TERMINATOR)
         rest = blocks.pop()
-        # An oversized tail is reported by the next feed() (its bytes, still without a terminator, land in
-        # the check above): raising now would lose the complete messages before it.
+        # An oversized tail is reported by the next feed(): raising now would lose the complete messages
+        # before it. Its bytes are not kept meanwhile (a read can be larger than the limit).
+        if len(rest) > self._max:
+            self._refused = (self._too_long(), bytes(rest[:120]))
+            rest = b""
         buffer += rest
         self._scan_from = len(rest)
         messages: list[AmiMessage] = []
@@ -279,9 +285,8 @@ class AmiParser:
             return False
         line = bytes(buffer[:end]).decode("utf-8", "replace")
         if not line.startswith(BANNER_PREFIX):
-            raise ProtocolError(
-                f"not an AMI server: the first line is not '{BANNER_PREFIX}...' (wrong port?)", bytes(buffer[:end])
-            )
+            self._refuse(f"not an AMI server: the first line is not '{BANNER_PREFIX}...' (wrong port?)",
+                         bytes(buffer[:end]))
         self.banner = line
         self._expect_banner = False
         del buffer[: end + len(_EOL)]
@@ -290,9 +295,15 @@ class AmiParser:
 
     def _check_size(self) -> None:
         if len(self._buffer) > self._max:
-            raise ProtocolError(
-                f"AMI message longer than {self._max} bytes without its end (\\r\\n\\r\\n)", bytes(self._buffer[:120])
-            )
+            self._refuse(self._too_long(), bytes(self._buffer[:120]))
+
+    def _too_long(self) -> str:
+        return f"AMI message longer than {self._max} bytes without its end (\\r\\n\\r\\n)"
+
+    def _refuse(self, why: str, raw: bytes) -> NoReturn:
+        self._refused = (why, raw)
+        self._buffer.clear()
+        raise ProtocolError(why, raw)
 
 
 def _check_field(what: str, key: str, value: str) -> None:
