@@ -37,6 +37,18 @@ class AgiSettings:
     pin_timeout_ms: int = 6000
     pin_max_digits: int = 10
     pin_attempts: int = 3
+    # Who else may connect: addresses or networks (CIDR), separated by commas or blanks, e.g.
+    # "10.0.0.0/24, 192.0.2.7". 127.0.0.1, ::1 and the [[asterisk]] servers' agi_addresses always may;
+    # a connection from anywhere else is closed before a byte of it is read.
+    allow: str = ""
+    # At max_connections, a connection still without its environment after this long is closed to make
+    # room for a new one (Asterisk writes the block as soon as it connects).
+    shed_after_s: float = 0.5
+
+    @property
+    def allow_entries(self) -> tuple[str, ...]:
+        """`allow` split into its addresses and networks, as written."""
+        return tuple(entry for entry in re.split(r"[\s,]+", self.allow) if entry)
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "agi.port", "must be 0..65535")
@@ -46,6 +58,19 @@ class AgiSettings:
         _check(256 <= self.max_env_bytes <= 1 << 20, "agi.max_env_bytes", "must be 256..1048576")
         _check(1 <= self.pin_max_digits <= 32, "agi.pin_max_digits", "must be 1..32")
         _check(0 <= self.pin_attempts <= 10, "agi.pin_attempts", "must be 0..10")
+        _check(self.shed_after_s > 0, "agi.shed_after_s", "must be > 0")
+        import ipaddress  # here, not at the top: only this section parses addresses
+
+        for entry in self.allow_entries:
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                try:
+                    network = ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(f"agi.allow: {entry!r} is not an IP address or network; give addresses "
+                                      "or CIDRs separated by commas, e.g. \"10.0.0.0/24, 192.0.2.7\"") from None
+                raise ConfigError(f"agi.allow: {entry!r} has host bits set; write the network, {network}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +211,49 @@ class LogSettings:
 class MetricsSettings:
     host: str = "127.0.0.1"
     port: int = 9573  # 0 disables the /metrics endpoint
+    # A bearer token that /metrics and /healthz then require (they reveal business figures and failing
+    # dependencies; /livez stays open for probes): token_file (read at start), or A2BD_METRICS_TOKEN in the
+    # environment, never the command line. Required when `host` is not a loopback address.
+    token: str = field(default="", repr=False)
+    token_file: str = ""
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "metrics.port", "must be 0..65535")
+        _check(not (self.token and self.token_file), "metrics.token",
+               "give at most one of token (or A2BD_METRICS_TOKEN) and token_file")
+        if self.token:
+            self._check_token(self.token, "metrics.token")
+        _check(self.port == 0 or bool(self.token or self.token_file) or self._loopback(), "metrics.token_file",
+               f"the metrics endpoint listens on {self.host!r}, reachable from other machines, and would show them "
+               "the business figures: give a token (token_file, or A2BD_METRICS_TOKEN) or listen on 127.0.0.1")
+
+    def read_token(self) -> str:
+        """The token the endpoint requires ("" for none): `token`, else token_file's content."""
+        if not self.token_file:
+            return self.token
+        try:
+            token = Path(self.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"metrics.token_file: cannot read {self.token_file}: {exc}") from exc
+        self._check_token(token, f"metrics.token_file ({self.token_file})")
+        return token
+
+    def _loopback(self) -> bool:
+        import ipaddress  # here, not at the top: only this check parses an address
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name or "" (every interface): it may well be reachable
+            return False
+
+    @staticmethod
+    def _check_token(token: str, key: str) -> None:
+        # What goes in an HTTP header as a bearer token (RFC 6750 b64token); long enough not to be guessed.
+        # The message never repeats the token.
+        _check(len(token) >= 16 and re.fullmatch(r"[A-Za-z0-9._~+/-]+=*", token) is not None, key,
+               "must be at least 16 characters of A-Z a-z 0-9 - . _ ~ + / (e.g. from `openssl rand -hex 32`)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -120,12 +120,14 @@ class Daemon:
         self._spawn(tariffs.follow(self.stop), "tariff-follower")
         self._spawn(self._watch_redis(), "redis-watch")
         self._spawn(providers.follow(self.stop), "provider-follower")
-        self.agi = AgiServer(s.agi, {"authorize": self.authorizer.handle})
+        # Besides loopback and agi.allow, FastAGI is taken only from the [[asterisk]] servers' addresses.
+        self.agi = AgiServer(s.agi, {"authorize": self.authorizer.handle}, peers=tuple(s.server_for_agi_peer()))
         await self.agi.start()
         if s.metrics.port:
             clients = self.lifecycle.clients if self.lifecycle is not None else {}
             self.metrics = await start_metrics_server(s.metrics.host, s.metrics.port,
-                                                      daemon_health(self.store, self.pool, clients))
+                                                      daemon_health(self.store, self.pool, clients),
+                                                      token=s.metrics.read_token())
         loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # "asyncio" or "uvloop"
         log.info("a2bd serving", agi=f"{s.agi.host}:{self.agi.port}", loop=loop,
                  metrics=f"{s.metrics.host}:{s.metrics.port}" if s.metrics.port else "off")

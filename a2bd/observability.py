@@ -24,13 +24,22 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 AGI_SESSIONS = Counter(
     "a2bd_agi_sessions", "FastAGI sessions accepted, by script", ["script"], registry=REGISTRY
 )
+# Why a FastAGI connection was closed without an answer (or ended early). Shed at accept time, before a
+# byte is read: peer (address not allowed), over_capacity (agi.max_connections reached), shed_slow (closed at
+# capacity to make room: it waited agi.shed_after_s without sending its environment). While reading the
+# environment: eof, overrun (past agi.max_env_bytes), timeout (not complete within agi.env_timeout_s),
+# malformed, unknown_script. In a session: eof, overrun, timeout, malformed (Asterisk's replies),
+# handler_error.
+AGI_REJECT_REASONS = ("peer", "over_capacity", "shed_slow", "eof", "overrun", "timeout", "malformed",
+                      "unknown_script", "handler_error")
 AGI_REJECTED = Counter(
     "a2bd_agi_rejected",
-    "FastAGI connections closed without an answer, by reason "
-    "(eof, overrun, timeout, malformed, unknown_script, over_capacity, handler_error)",
+    "FastAGI connections closed without an answer, by reason (" + ", ".join(AGI_REJECT_REASONS) + ")",
     ["reason"],
     registry=REGISTRY,
 )
+for _reason in AGI_REJECT_REASONS:
+    AGI_REJECTED.labels(_reason)
 AGI_ACTIVE = Gauge("a2bd_agi_active_sessions", "FastAGI sessions in progress", registry=REGISTRY)
 
 # Authorization

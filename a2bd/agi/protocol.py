@@ -32,7 +32,9 @@ __all__ = [
     "AgiEnvironment",
     "AgiReply",
     "Hangup",
+    "OverrunError",
     "ReplyReader",
+    "ReplyStream",
     "format_command",
     "get_variable",
     "parse_environment",
@@ -51,6 +53,10 @@ MAX_COMMAND_WORDS: Final = 127
 MAX_USAGE_BYTES: Final = 65536
 
 _HANGUP_LINE: Final = b"HANGUP"
+
+
+class OverrunError(ProtocolError):
+    """A line or a usage block longer than its bound: the peer sends too much (the server's ``overrun``)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -226,12 +232,14 @@ class AgiReply:
     def endpos(self) -> int | None:
         """The ``endpos=`` sample offset of the playback commands, or None."""
         value = self.get("endpos")
-        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        return int(value) if value is not None and _INTEGER.fullmatch(value) else None
 
 
 # "endpos=1234 digit=5": the words res_agi.c appends after the parenthesised data.
 _EXTRA_START = re.compile(r" [A-Za-z_][A-Za-z0-9_]*=")
 _EXTRA_WORD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(\S*)")
+_INTEGER = re.compile(r"-?[0-9]{1,19}")
 
 
 def _decode(data: bytes, what: str, raw: bytes) -> str:
@@ -250,11 +258,11 @@ def _split_data(rest: str, raw: bytes) -> tuple[str | None, tuple[tuple[str, str
         # The data is raw and may itself hold ")" (a GET VARIABLE of "a) b" reads "(a) b)"). The data
         # ends at the last ")" that is followed by nothing or by key=value words: GET VARIABLE puts its
         # ")" last on the line, WAIT FOR DIGIT and friends write "(digit) digit=5 endpos=0".
+        # Matched in place, not on a slice: a line of many ")" costs one pass, not one copy per ")".
         end = body.rfind(")")
         while end >= 0:
-            tail = body[end + 1 :]
-            if not tail or _EXTRA_START.match(tail):
-                return body[:end], tuple(_EXTRA_WORD.findall(tail))
+            if end + 1 == len(body) or _EXTRA_START.match(body, end + 1):
+                return body[:end], tuple(_EXTRA_WORD.findall(body, end + 1))
             end = body.rfind(")", 0, end)
         raise ProtocolError("AGI reply data has no closing parenthesis", raw)
     if _EXTRA_START.match(rest):
@@ -320,20 +328,29 @@ class ReplyReader:
         """True while a multi-line usage block is open (its reply is not complete yet)."""
         return self._block is not None
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of an open usage block held so far (LFs counted): never more than MAX_USAGE_BYTES."""
+        return self._block_size if self._block is not None else 0
+
     def feed_line(self, line: bytes) -> AgiReply | Hangup | None:
         """Take one line (without LF). Raises ProtocolError, carrying the line, when it is not a reply."""
         if line.endswith(b"\r"):
             line = line[:-1]  # Asterisk sends LF only; tolerate a proxy's CR as in the environment
         block = self._block
         if block is not None:
-            block.append(line)
-            self._block_size += len(line) + 1
+            size = self._block_size + len(line) + 1
             if line.startswith(self._block_end) or line == self._block_end[:3]:
+                block.append(line)
                 self._block = None
+                self._block_size = 0
                 usage = tuple(_decode(u, "AGI usage line", u) for u in block[1:-1])
                 return _reply(self._block_code, self._block_text, b"\n".join(block), usage)
-            if self._block_size > MAX_USAGE_BYTES:
-                raise ProtocolError(f"AGI usage block longer than {MAX_USAGE_BYTES} bytes", line)
+            if size > MAX_USAGE_BYTES:
+                # Checked before the line is kept: what a block holds never passes MAX_USAGE_BYTES.
+                raise OverrunError(f"AGI usage block longer than {MAX_USAGE_BYTES} bytes", line[:120])
+            block.append(line)
+            self._block_size = size
             return None
         if line == _RESULT_1_LINE:
             return _RESULT_1  # what every SET VARIABLE gets: the common case, parsed once
@@ -341,6 +358,8 @@ class ReplyReader:
             return HANGUP
         code, text = _code_and_text(line)
         if line[3:4] == b"-":
+            if len(line) + 1 > MAX_USAGE_BYTES:
+                raise OverrunError(f"AGI usage block longer than {MAX_USAGE_BYTES} bytes", line[:120])
             # "520-Invalid command syntax.  Proper usage follows:" then usage lines (raw <literal>
             # markup, transcript 09), then "520 End of proper usage.".
             self._block = [line]
@@ -350,6 +369,68 @@ class ReplyReader:
             self._block_text = text
             return None
         return _reply(code, text, line)
+
+
+class ReplyStream:
+    """The reply side of a session as a byte stream: feed() each read, take events with next_event().
+
+    This is the reassembly the server runs (AgiSession), kept here so that tests and fuzzers can cut the
+    same bytes anywhere. Lines are parsed only when asked for: what Asterisk sends after the last reply a
+    batch waits for (its HANGUP) stays as bytes for the next batch. The bytes held never exceed
+    `max_bytes`: a caller feeds at most `room` bytes, and only after next_event() returned None, which it
+    does only while no complete line is held; an unfinished line that fills all `max_bytes` raises
+    OverrunError. A usage block is bounded separately (MAX_USAGE_BYTES, see ReplyReader).
+    """
+
+    __slots__ = ("_buffer", "_start", "max_bytes", "replies")
+
+    def __init__(self, max_bytes: int = 16384) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1 (got {max_bytes})")
+        self.max_bytes = max_bytes
+        self.replies = ReplyReader()
+        self._buffer = b""
+        self._start = 0  # bytes before this offset are parsed already
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received and not yet parsed into a reply line."""
+        return len(self._buffer) - self._start
+
+    @property
+    def room(self) -> int:
+        """How many bytes the next feed() may take."""
+        return self.max_bytes - len(self._buffer) + self._start
+
+    def feed(self, data: bytes) -> None:
+        """Append the bytes of one read. Raises ValueError when `data` is longer than `room` (read at most
+        `room` bytes)."""
+        if len(data) > self.room:
+            raise ValueError(f"fed {len(data)} bytes to a reply stream with room for {self.room}")
+        self._buffer = self._buffer[self._start :] + data if self._start else self._buffer + data
+        self._start = 0
+
+    def next_event(self) -> AgiReply | Hangup | None:
+        """The next reply or HANGUP, or None when more bytes are needed (feed them, up to `room`).
+
+        Raises ProtocolError (carrying the line) for a line that is not a reply, and OverrunError for an
+        unfinished line as long as `max_bytes` or a usage block past MAX_USAGE_BYTES; the stream is
+        unusable afterwards.
+        """
+        buffer = self._buffer
+        feed = self.replies.feed_line
+        while True:
+            start = self._start
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                if len(buffer) - start >= self.max_bytes:
+                    raise OverrunError(f"AGI reply line longer than {self.max_bytes} bytes",
+                                       buffer[start : start + 120])
+                return None
+            self._start = end + 1
+            event = feed(buffer[start:end])
+            if event is not None:
+                return event
 
 
 # --------------------------------------------------------------------------------------------------------

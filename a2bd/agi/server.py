@@ -5,6 +5,12 @@ One task per connection: read the environment (bounded in bytes and time), pick 
 header, garbage, an unknown script, too many connections, a failing handler) ends that one connection
 with a warning line and an ``a2bd_agi_rejected{reason}`` count, and never blocks the loop or other calls.
 
+FastAGI has no authentication, so the first gate is the peer's address: only 127.0.0.1, ::1, the
+configured Asterisk servers' FastAGI addresses and ``agi.allow`` may connect; any other connection is
+closed before a byte of it is read (reason ``peer``). At ``agi.max_connections``, a connection that has
+waited ``agi.shed_after_s`` for its environment is closed (``shed_slow``) to make room for the new one, so
+slow or silent clients cannot hold every slot while Asterisk's calls are refused (``over_capacity``).
+
 Each connection's task runs in its own copy of the contextvars: what a session binds with
 ``structlog.contextvars.bind_contextvars`` (its uniqueid and peer here, its account and server in the
 handler) is on every log line of that call, and on no other call's.
@@ -14,22 +20,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Self
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Self, TypeAlias, cast
 
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from a2bd.agi.protocol import AgiEnvironment, AgiReply, Hangup, ReplyReader, format_command, parse_environment
+from a2bd.agi.protocol import (
+    AgiEnvironment,
+    AgiReply,
+    Hangup,
+    OverrunError,
+    ReplyStream,
+    format_command,
+    parse_environment,
+)
 from a2bd.config import AgiSettings
-from a2bd.errors import ProtocolError
+from a2bd.errors import ConfigError, ProtocolError
 from a2bd.observability import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS
 
 __all__ = ["AgiServer", "AgiSession", "Handler"]
 
 # How long close() waits for cancelled sessions to unwind (they only run finally blocks by then).
 _CANCEL_WAIT_S = 1.0
+# Always allowed: an Asterisk on the same host. Only these two, not all of 127.0.0.0/8, so that a test can
+# connect from 127.0.0.2 and be a stranger.
+_LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
+# How long start() waits for the addresses of an Asterisk server given by name.
+_RESOLVE_TIMEOUT_S = 5.0
+# Refusals made at accept time (peer, over_capacity, shed_slow) are what a flood or a scan produces at the
+# rate it connects: they are logged once per reason and address every _LOG_EVERY_S seconds, the next line
+# saying how many were not (`suppressed`); the counter counts them all. At most _LOG_KEYS addresses are
+# remembered (the oldest is forgotten first), so the memory of a scan from many addresses stays bounded.
+_LOG_EVERY_S = 10.0
+_LOG_KEYS = 1024
+# Verdicts on peer addresses, remembered so that a session pays one dict probe; cleared when this big.
+_PEER_CACHE = 4096
+
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class AgiSession:
@@ -41,8 +71,7 @@ class AgiSession:
     ``malformed``) after execute() raised because of Asterisk, else None.
     """
 
-    __slots__ = ("_limit", "_pending", "_reader", "_replies", "_timeout_s", "_writer", "env", "failure", "hungup",
-                 "peer")
+    __slots__ = ("_reader", "_replies", "_timeout_s", "_writer", "env", "failure", "hungup", "peer")
 
     def __init__(
         self,
@@ -60,9 +89,8 @@ class AgiSession:
         self._reader = reader
         self._writer = writer
         self._timeout_s = command_timeout_s
-        self._replies = ReplyReader()
-        self._pending = b""
-        self._limit = limit
+        # Bytes held for replies never pass `limit`: an unfinished line that long is an overrun.
+        self._replies = ReplyStream(limit)
 
     async def execute(self, *commands: bytes, timeout_s: float | None = None) -> list[AgiReply]:
         """Send `commands` (each one LF-terminated line, see protocol.format_command) and return one reply
@@ -98,43 +126,32 @@ class AgiSession:
         return (await self.execute(format_command(*words), timeout_s=timeout_s))[0]
 
     async def _read_replies(self, count: int) -> list[AgiReply]:
-        # The replies to a pipelined batch arrive together: read what is there and split it into lines,
-        # rather than one readuntil() (and one trip through the event loop) per line. Bytes after the
-        # last reply (a HANGUP) wait in _pending for the next batch.
+        # The replies to a pipelined batch arrive together: one read takes what is there and the stream
+        # splits it into lines, rather than one readuntil() (and one trip through the event loop) per
+        # line. Bytes after the last reply (a HANGUP) stay in the stream for the next batch.
         replies: list[AgiReply] = []
-        feed = self._replies.feed_line
-        buffer = self._pending
+        stream = self._replies
+        next_event = stream.next_event
         try:
-            while True:
-                start = 0
-                while len(replies) < count:
-                    end = buffer.find(b"\n", start)
-                    if end < 0:
-                        break
-                    event = feed(buffer[start:end])
-                    start = end + 1
-                    if event is None:
-                        continue  # inside a 520- usage block
-                    if isinstance(event, Hangup):
-                        self.hungup = True
-                        continue
+            while len(replies) < count:
+                event = next_event()
+                if event is None:
+                    chunk = await self._reader.read(stream.room)  # room > 0 whenever next_event() is None
+                    if not chunk:
+                        self.failure = "eof"
+                        raise ProtocolError("Asterisk closed the connection before replying")
+                    stream.feed(chunk)
+                elif isinstance(event, Hangup):
+                    self.hungup = True
+                else:
                     replies.append(event)
-                buffer = buffer[start:]
-                if len(replies) == count:
-                    self._pending = buffer
-                    return replies
-                if len(buffer) > self._limit:
-                    self.failure = "overrun"
-                    raise ProtocolError("AGI reply line is longer than the stream limit (agi.max_env_bytes)",
-                                        buffer[:120])
-                chunk = await self._reader.read(65536)
-                if not chunk:
-                    self.failure = "eof"
-                    raise ProtocolError("Asterisk closed the connection before replying", buffer)
-                buffer += chunk
+            return replies
         except ConnectionError as exc:
             self.failure = "eof"
             raise ProtocolError(f"AGI connection lost while waiting for a reply: {exc}") from exc
+        except OverrunError:
+            self.failure = "overrun"
+            raise
         except ProtocolError:
             if self.failure is None:
                 self.failure = "malformed"
@@ -150,6 +167,9 @@ class AgiServer:
     ``await start()`` binds ``settings.host:settings.port`` (port 0 picks a free port, see `port`);
     ``await close(grace_s)`` stops accepting, lets sessions in flight finish for up to `grace_s` seconds,
     then cancels the rest. Usable as ``async with AgiServer(...) as server:``.
+
+    Connections are accepted from 127.0.0.1, ::1, ``settings.allow`` and `peers`: the addresses (or
+    networks, or host names, resolved once by start()) the configured Asterisk servers connect from.
     """
 
     def __init__(
@@ -157,27 +177,41 @@ class AgiServer:
         settings: AgiSettings,
         handlers: Mapping[str, Handler],
         *,
+        peers: Iterable[str] = (),
         logger: FilteringBoundLogger | None = None,
     ) -> None:
         self._settings = settings
         self._handlers = dict(handlers)
+        self._peers = tuple(peers)
         self._log: FilteringBoundLogger = (
             logger if logger is not None else structlog.get_logger("a2bd.agi")
         )
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections still reading their environment, oldest first (dicts keep insertion order), with
+        # when they were accepted and their writer: the candidates for shedding at capacity.
+        self._waiting: dict[asyncio.Task[None], tuple[float, asyncio.StreamWriter, tuple[str, int]]] = {}
+        # Tasks shed at capacity whose connection is aborted but which have not ended yet: not counted
+        # against max_connections any more.
+        self._leaving: set[asyncio.Task[None]] = set()
+        self._allowed: tuple[Network, ...] = _LOOPBACK
+        self._peer_ok: dict[str, bool] = {}
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind and start accepting. Raises OSError when the address is taken."""
+        """Bind and start accepting. Raises OSError when the address is taken, ConfigError when a peer
+        given by name does not resolve."""
         if self._server is not None:
             raise RuntimeError("AgiServer.start() called twice")
         settings = self._settings
         self._loop = asyncio.get_running_loop()
         self._closing = False
+        self._allowed = await self._allowed_networks()
+        self._peer_ok.clear()
         self._server = await asyncio.start_server(
             self._accept,
             settings.host,
@@ -187,6 +221,28 @@ class AgiServer:
             # A call storm arrives as a burst of connects; let the kernel queue up to the cap of them.
             backlog=max(128, settings.max_connections),
         )
+
+    async def _allowed_networks(self) -> tuple[Network, ...]:
+        networks: list[Network] = [*_LOOPBACK, *(ipaddress.ip_network(e) for e in self._settings.allow_entries)]
+        assert self._loop is not None
+        for entry in self._peers:
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+                continue
+            except ValueError:
+                pass
+            # An [[asterisk]] host given by name, without agi_addresses: its addresses as of now.
+            try:
+                async with asyncio.timeout(_RESOLVE_TIMEOUT_S):
+                    infos = await self._loop.getaddrinfo(entry, None, type=socket.SOCK_STREAM)
+            except (OSError, TimeoutError) as exc:
+                raise ConfigError(
+                    f"FastAGI peer {entry!r} is not an address and does not resolve ({exc or 'timeout'}): "
+                    "list the addresses its FastAGI connections come from in [[asterisk]] agi_addresses"
+                ) from exc
+            networks.extend(ipaddress.ip_network(info[4][0]) for info in infos)
+            self._log.info("agi peer resolved", peer=entry, addresses=sorted({str(i[4][0]) for i in infos}))
+        return tuple(dict.fromkeys(networks))
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop accepting, wait up to `grace_s` seconds for sessions in flight, then cancel the rest."""
@@ -238,30 +294,93 @@ class AgiServer:
         """Connections being served right now (reading their environment or in a handler)."""
         return len(self._tasks)
 
+    @property
+    def allowed(self) -> tuple[Network, ...]:
+        """The addresses and networks connections are accepted from (loopback alone before start())."""
+        return self._allowed
+
     # -- connections -------------------------------------------------------------------------------------
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer(writer)
+        if not self._is_allowed(peer[0]):
+            # Closed before a byte is read: FastAGI has no authentication, the address is the only gate.
+            writer.close()
+            self._refuse("peer", peer)
+            return
         if self._closing:
             # Accepted by the kernel just before close() stopped the listener.
             self._log.warning("agi connection refused during shutdown", peer=_show(peer))
             writer.close()
             return
-        if len(self._tasks) >= self._settings.max_connections:
+        assert self._loop is not None
+        now = self._loop.time()
+        if len(self._tasks) - len(self._leaving) >= self._settings.max_connections and not self._shed(now):
             # Refuse before spending anything on it: Asterisk sees the close, AGISTATUS=FAILURE, A2B_STATUS
             # stays unset and the dialplan denies the call.
-            self._reject("over_capacity", peer, active=len(self._tasks))
             writer.close()
+            self._refuse("over_capacity", peer, active=len(self._tasks) - len(self._leaving))
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
             # Replies are a few bytes each; never let Nagle hold one back waiting for an ACK.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert self._loop is not None
         task = self._loop.create_task(self._serve(reader, writer, peer))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._waiting[task] = (now, writer, peer)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._leaving.discard(task)
+        self._waiting.pop(task, None)
+
+    def _is_allowed(self, host: str) -> bool:
+        verdict = self._peer_ok.get(host)
+        if verdict is None:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                verdict = False  # not an IP peer (a Unix socket): nothing configured can match it
+            else:
+                verdict = any(address in network for network in self._allowed)
+            if len(self._peer_ok) >= _PEER_CACHE:
+                self._peer_ok.clear()
+            self._peer_ok[host] = verdict
+        return verdict
+
+    def _shed(self, now: float) -> bool:
+        """At capacity: close the connection that has waited longest for its environment, if it has waited
+        `shed_after_s` (Asterisk writes it as soon as it connects). True when a slot was freed."""
+        oldest = next(iter(self._waiting.items()), None)
+        if oldest is None:
+            return False  # every slot is a call in progress: the cap is real load
+        task, (since, writer, peer) = oldest
+        if now - since < self._settings.shed_after_s:
+            return False  # the slowest is still young: a burst of honest calls, keep them
+        del self._waiting[task]
+        self._leaving.add(task)
+        writer.transport.abort()  # its readuntil() ends at once; _read_environment() sees it left
+        self._refuse("shed_slow", peer, waited_s=round(now - since, 3))
+        return True
+
+    def _refuse(self, reason: str, peer: tuple[str, int], **fields: object) -> None:
+        """Count a refusal made at accept time; log it once per reason and address every _LOG_EVERY_S."""
+        AGI_REJECTED.labels(reason).inc()
+        key = (reason, peer[0])
+        assert self._loop is not None
+        now = self._loop.time()
+        last = self._logged.get(key)
+        if last is not None and now - last[0] < _LOG_EVERY_S:
+            self._logged[key] = (last[0], last[1] + 1)
+            return
+        self._logged.pop(key, None)  # re-inserted last: the dict stays ordered by when each key was logged
+        if len(self._logged) >= _LOG_KEYS:
+            del self._logged[next(iter(self._logged))]
+        self._logged[key] = (now, 0)
+        self._log.warning("agi connection rejected", reason=reason, peer=_show(peer),
+                          suppressed=last[1] if last is not None else 0, **fields)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: tuple[str, int]
@@ -275,26 +394,42 @@ class AgiServer:
             # (and the caller) alive for as long as this socket stays open (transcript 10).
             writer.close()
 
+    async def _read_environment(self, reader: asyncio.StreamReader, peer: tuple[str, int]) -> bytes | None:
+        """The environment block, or None after the connection was rejected (counted and logged)."""
+        settings = self._settings
+        task = cast("asyncio.Task[None]", asyncio.current_task())
+        fields: dict[str, object]
+        try:
+            # One deadline for the whole block, not one per read: a client that trickles a byte at a time
+            # is cut at env_timeout_s all the same. Asterisk writes the block line by line and it arrives
+            # in 2-3 TCP chunks (transcripts 01-10); the stream limit (max_env_bytes) bounds what a peer can
+            # make us buffer.
+            async with asyncio.timeout(settings.env_timeout_s):
+                block = await reader.readuntil(b"\n\n")
+        except asyncio.IncompleteReadError as exc:
+            reason, fields = "eof", {"received_bytes": len(exc.partial)}
+        except (asyncio.LimitOverrunError, ValueError):
+            reason, fields = "overrun", {"limit_bytes": settings.max_env_bytes}
+        except TimeoutError:
+            reason, fields = "timeout", {"env_timeout_s": settings.env_timeout_s}
+        except ConnectionError as exc:
+            reason, fields = "eof", {"error": str(exc)}
+        else:
+            if task in self._leaving:
+                return None  # shed at capacity just as its block came: counted as shed_slow already
+            del self._waiting[task]
+            return block
+        self._waiting.pop(task, None)
+        if task not in self._leaving:  # a shed connection ends here too: it was counted when it was shed
+            self._reject(reason, peer, **fields)
+        return None
+
     async def _run(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: tuple[str, int]
     ) -> None:
         settings = self._settings
-        try:
-            async with asyncio.timeout(settings.env_timeout_s):
-                # Asterisk writes the block line by line and it arrives in 2-3 TCP chunks (transcripts 01-10);
-                # the stream limit (max_env_bytes) bounds what a peer can make us buffer.
-                block = await reader.readuntil(b"\n\n")
-        except asyncio.IncompleteReadError as exc:
-            self._reject("eof", peer, received_bytes=len(exc.partial))
-            return
-        except (asyncio.LimitOverrunError, ValueError):
-            self._reject("overrun", peer, limit_bytes=settings.max_env_bytes)
-            return
-        except TimeoutError:
-            self._reject("timeout", peer, env_timeout_s=settings.env_timeout_s)
-            return
-        except ConnectionError as exc:
-            self._reject("eof", peer, error=str(exc))
+        block = await self._read_environment(reader, peer)
+        if block is None:
             return
         try:
             env = parse_environment(block)

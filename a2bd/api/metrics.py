@@ -11,21 +11,34 @@ shutdown. It reads one bounded request head and answers; anything else gets 404 
   restarts on a failed liveness probe must not restart a2bd because Redis is down: that would cut the
   FastAGI sessions and the call tracking in flight and bring back a daemon no readier than before. A loop
   stuck in a blocking call cannot answer at all, which is what liveness is for.
+
+/metrics and /healthz reveal business figures (authorizations, calls, ledger and invoice counts, per server)
+and which dependency is failing; with a token (metrics.token_file or A2BD_METRICS_TOKEN) they answer only a
+request carrying ``Authorization: Bearer <token>``, and 401 otherwise. /livez reveals nothing and stays
+open, so that a supervisor's liveness probe needs no secret. The token is compared in constant time (as
+SHA-256 digests, so not even its length leaks) and is never logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 
+import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from a2bd.api.health import CachedHealth, HealthCheck
 from a2bd.observability import REGISTRY
 
-__all__ = ["health_body", "start_metrics_server"]
+__all__ = ["PROTECTED_PATHS", "health_body", "start_metrics_server"]
+
+log = structlog.get_logger("a2bd.api")
 
 _TEXT = "text/plain; charset=utf-8"
+# What a token guards: the endpoints that reveal data. /livez is for probes and says only "ok".
+PROTECTED_PATHS = frozenset({"/metrics", "/healthz"})
 
 
 def health_body(report: dict[str, str | None]) -> tuple[bool, bytes]:
@@ -36,10 +49,25 @@ def health_body(report: dict[str, str | None]) -> tuple[bool, bytes]:
 
 
 class _Endpoint:
-    def __init__(self, health: CachedHealth | None) -> None:
+    def __init__(self, health: CachedHealth | None, token: str) -> None:
         self.health = health
+        self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
+
+    def _authorized(self, head: bytes) -> bool:
+        """Whether the request carries the token: exactly one ``Authorization: Bearer <token>`` header."""
+        if self._token_digest is None:
+            return True
+        given = [value for name, sep, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                 if sep and name.strip().lower() == b"authorization"]
+        if len(given) != 1:
+            return False
+        scheme, _, credentials = given[0].strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(hashlib.sha256(credentials.strip()).digest(), self._token_digest)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        challenge = ""
         try:
             async with asyncio.timeout(5):
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -47,6 +75,12 @@ class _Endpoint:
             path = path.split("?", 1)[0]
             if method != "GET":
                 status, ctype, body = "405 Method Not Allowed", _TEXT, b"GET only\n"
+            elif path in PROTECTED_PATHS and not self._authorized(head):
+                status, ctype, body = "401 Unauthorized", _TEXT, b"a bearer token is required\n"
+                challenge = 'WWW-Authenticate: Bearer realm="a2bd"\r\n'
+                peer = writer.get_extra_info("peername")
+                log.warning("metrics request refused: no valid bearer token", path=path,
+                            peer=peer[0] if isinstance(peer, tuple) else str(peer))
             elif path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
             elif path == "/healthz":
@@ -61,7 +95,7 @@ class _Endpoint:
             writer.close()
             return
         writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{challenge}"
             "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode("latin-1") + body
         )
         with contextlib.suppress(ConnectionError):
@@ -80,6 +114,7 @@ async def start_metrics_server(
     port: int,
     health: HealthCheck | None = None,
     *,
+    token: str = "",
     health_ttl_s: float = 1.0,
     health_timeout_s: float = 2.5,
 ) -> asyncio.Server:
@@ -87,6 +122,8 @@ async def start_metrics_server(
 
     `health` (e.g. api.health.daemon_health(...)) decides /healthz; it is run at most once per
     `health_ttl_s` and given `health_timeout_s` in all. Without it /healthz answers 200 while the loop runs.
+    With a `token`, /metrics and /healthz require ``Authorization: Bearer <token>`` (MetricsSettings decides
+    when one is needed and reads it).
     """
     cached = CachedHealth(health, ttl_s=health_ttl_s, timeout_s=health_timeout_s) if health is not None else None
-    return await asyncio.start_server(_Endpoint(cached).serve, host, port, limit=8192)
+    return await asyncio.start_server(_Endpoint(cached, token).serve, host, port, limit=8192)

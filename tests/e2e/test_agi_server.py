@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,7 +18,7 @@ from structlog.testing import capture_logs
 from a2bd.agi.protocol import AgiEnvironment, AgiReply, ReplyReader, format_command, set_variable
 from a2bd.agi.server import AgiServer, AgiSession, Handler
 from a2bd.config import AgiSettings
-from a2bd.errors import ProtocolError
+from a2bd.errors import ConfigError, ProtocolError
 from a2bd.observability import REGISTRY
 from a2bd.sim.agi import encode_environment, make_environment, run_session
 from tests.transcripts import Capture, agi_files, load_capture
@@ -81,8 +80,10 @@ def blocking(queue: Queue, release: asyncio.Event) -> Handler:
 
 
 @contextlib.asynccontextmanager
-async def serving(handlers: Mapping[str, Handler], **overrides: Any) -> AsyncIterator[AgiServer]:
-    server = AgiServer(replace(SETTINGS, **overrides), handlers)
+async def serving(
+    handlers: Mapping[str, Handler], *, peers: Iterable[str] = (), **overrides: Any
+) -> AsyncIterator[AgiServer]:
+    server = AgiServer(replace(SETTINGS, **overrides), handlers, peers=peers)
     await server.start()
     try:
         yield server
@@ -118,8 +119,13 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 2.0) -> b
 
 
 @contextlib.asynccontextmanager
-async def raw_client(server: AgiServer) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+async def raw_client(
+    server: AgiServer, local: str | None = None
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A plain connection; from `local` (e.g. 127.0.0.2, another address of Linux's loopback) if given."""
+    host = "::1" if local is not None and ":" in local else "127.0.0.1"
+    reader, writer = await asyncio.open_connection(host, server.port,
+                                                   local_addr=(local, 0) if local is not None else None)
     try:
         yield reader, writer
     finally:
@@ -156,7 +162,6 @@ async def test_normal_session_with_the_simulator() -> None:
     assert result.variables == {"A2B_STATUS": "OK", "A2B_LIMIT_MS": "600000",
                                 "CHANNEL(accountcode)": "1000000001"}
     assert result.commands == [c[:-1].decode() for c in ANSWER]  # what the handler sent, byte for byte
-    assert result.elapsed_s < 1.0
     assert dict(seen.env.variables) == env
     assert seen.env.arguments == ("442071234567",)
     assert seen.peer[0] == "127.0.0.1"
@@ -288,7 +293,6 @@ async def test_client_closing_mid_header_does_not_block_others() -> None:
                 # The half-open client holds its connection; another call is served meanwhile.
                 result = await run_session("127.0.0.1", server.port, environment())
                 assert result.server_closed and result.variables["A2B_STATUS"] == "OK"
-                assert result.elapsed_s < 1.0
             assert await eventually(lambda: rejected("eof") == before + 1)
     (warning,) = warnings_for(logs, "eof")
     assert warning["event"] == "agi connection rejected"
@@ -304,15 +308,15 @@ async def test_connect_and_close_counts_eof() -> None:
 
 
 async def test_overlong_header_is_cut() -> None:
-    before = rejected("overrun")
+    before, timeouts = rejected("overrun"), rejected("timeout")
     with capture_logs() as logs:
-        async with serving({}) as server, raw_client(server) as (reader, writer):
+        # With a 30 s env_timeout_s, a close within read_to_eof's 2 s bound can only be the overrun.
+        async with serving({}, env_timeout_s=30.0) as server, raw_client(server) as (reader, writer):
             writer.write(b"agi_x: " + b"y" * 100 + b"\n")
             writer.write(b"agi_x: " + b"y" * (SETTINGS.max_env_bytes + 100) + b"\n")
-            started = time.monotonic()
             assert await read_to_eof(reader) == b""
-            assert time.monotonic() - started < SETTINGS.env_timeout_s  # cut at once, not by the timeout
     assert rejected("overrun") == before + 1
+    assert rejected("timeout") == timeouts
     (warning,) = warnings_for(logs, "overrun")
     assert warning["limit_bytes"] == SETTINGS.max_env_bytes
 
@@ -322,10 +326,7 @@ async def test_stalled_client_is_closed_within_env_timeout() -> None:
     with capture_logs() as logs:
         async with serving({}) as server, raw_client(server) as (reader, writer):
             writer.write(b"agi_network: yes\n")
-            started = time.monotonic()
             assert await read_to_eof(reader) == b""
-            elapsed = time.monotonic() - started
-    assert SETTINGS.env_timeout_s * 0.8 <= elapsed < SETTINGS.env_timeout_s + 0.5
     assert rejected("timeout") == before + 1
     assert len(warnings_for(logs, "timeout")) == 1
 
@@ -372,14 +373,13 @@ async def test_connection_cap() -> None:
     release = asyncio.Event()
     before = rejected("over_capacity")
     with capture_logs() as logs:
-        async with serving({"authorize": blocking(queue, release)}, max_connections=2) as server:
+        # With a 30 s env_timeout_s, a close within read_to_eof's 2 s bound can only be the cap.
+        async with serving({"authorize": blocking(queue, release)}, max_connections=2, env_timeout_s=30.0) as server:
             calls = [asyncio.create_task(run_session("127.0.0.1", server.port, environment())),
                      asyncio.create_task(run_session("127.0.0.1", server.port, environment()))]
             assert [await asyncio.wait_for(queue.get(), 1) for _ in range(2)] == ["entered", "entered"]
             async with raw_client(server) as (reader, _):
-                started = time.monotonic()
                 assert await read_to_eof(reader) == b""
-                assert time.monotonic() - started < SETTINGS.env_timeout_s  # closed at once
             release.set()
             results = await asyncio.gather(*calls)
             # Capacity is back once the two calls are done.
@@ -429,11 +429,8 @@ async def test_silent_asterisk_times_out_the_command() -> None:
     with capture_logs() as logs:
         async with serving({"authorize": handler}) as server, raw_client(server) as (reader, writer):
             writer.write(encode_environment(environment()))
-            started = time.monotonic()
             sent = await read_to_eof(reader)  # never answers; the server gives up and closes
-            elapsed = time.monotonic() - started
     assert sent == b"".join(ANSWER)
-    assert SETTINGS.command_timeout_s * 0.8 <= elapsed < SETTINGS.command_timeout_s + 0.5
     assert isinstance(queue.get_nowait(), TimeoutError)
     assert "already failed (timeout)" in str(queue.get_nowait())
     assert rejected("timeout") == before + 1
@@ -513,6 +510,203 @@ async def test_execute_refuses_a_command_that_is_not_one_line() -> None:
     assert result.commands == []  # nothing reached Asterisk
 
 
+# -- who may connect --------------------------------------------------------------------------------------
+
+
+async def session_from(server: AgiServer, local: str, env: Mapping[str, str]) -> bytes:
+    """A FastAGI session played from address `local`: the environment, then "200 result=1" for every
+    command line, until the server closes. Returns the commands received (b"" when refused)."""
+    received = b""
+    async with raw_client(server, local) as (reader, writer):
+        writer.write(encode_environment(env))
+        async with asyncio.timeout(2):
+            while True:
+                try:
+                    chunk = await reader.read(4096)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                received += chunk
+                writer.write(b"200 result=1\n" * chunk.count(b"\n"))
+    return received
+
+
+async def test_a_stranger_is_closed_unread_and_counted() -> None:
+    queue: Queue = asyncio.Queue()
+    before, eofs, malformed = rejected("peer"), rejected("eof"), rejected("malformed")
+    served = sessions("authorize")
+    with capture_logs() as logs:
+        async with serving({"authorize": answering(queue)}) as server:
+            # The allowed addresses are loopback's 127.0.0.1 and ::1 alone: 127.0.0.2 is a stranger.
+            assert [str(n) for n in server.allowed] == ["127.0.0.1/32", "::1/128"]
+            strangers = [await session_from(server, "127.0.0.2", environment()) for _ in range(3)]
+            assert await eventually(lambda: rejected("peer") == before + 3)
+            honest = await session_from(server, "127.0.0.1", environment())
+            assert await eventually(lambda: server.active == 0)
+    assert strangers == [b"", b"", b""]  # no command, whatever the stranger wrote
+    assert honest == b"".join(ANSWER)
+    assert queue.qsize() == 1 and queue.get_nowait().peer[0] == "127.0.0.1"
+    assert sessions("authorize") == served + 1
+    # Closed before a byte was read: no environment was waited for, none was parsed.
+    assert (rejected("eof"), rejected("malformed")) == (eofs, malformed)
+    (warning,) = warnings_for(logs, "peer")  # three refusals, one line: logged once per address a while
+    assert warning["event"] == "agi connection rejected"
+    assert warning["peer"].startswith("127.0.0.2:")
+    assert warning["suppressed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("allow", "peers"),
+    [("127.0.0.2", ()), ("127.0.0.0/30", ()), ("", ("127.0.0.2",)), ("", ("127.0.0.0/30",))],
+    ids=["allow-address", "allow-network", "asterisk-address", "asterisk-network"],
+)
+async def test_configured_addresses_are_answered(allow: str, peers: tuple[str, ...]) -> None:
+    queue: Queue = asyncio.Queue()
+    before = rejected("peer")
+    async with serving({"authorize": answering(queue)}, allow=allow, peers=peers) as server:
+        allowed = await session_from(server, "127.0.0.2", environment())
+        stranger = await session_from(server, "127.0.0.4", environment())
+    assert allowed == b"".join(ANSWER)
+    assert queue.get_nowait().peer[0] == "127.0.0.2"
+    assert stranger == b"" and queue.empty()
+    assert rejected("peer") == before + 1
+
+
+async def test_ipv6_loopback_is_allowed() -> None:
+    queue: Queue = asyncio.Queue()
+    async with serving({"authorize": answering(queue)}, host="::1") as server:
+        assert await session_from(server, "::1", environment()) == b"".join(ANSWER)
+    assert queue.get_nowait().peer[0] == "::1"
+
+
+async def test_an_asterisk_given_by_name_is_resolved_at_start() -> None:
+    with capture_logs() as logs:
+        async with serving({}, peers=("localhost",)):
+            pass
+    (resolved,) = [e for e in logs if e["event"] == "agi peer resolved"]
+    assert resolved["peer"] == "localhost" and "127.0.0.1" in resolved["addresses"]
+    server = AgiServer(SETTINGS, {}, peers=("no-such-host.invalid",))
+    with pytest.raises(ConfigError, match=r"'no-such-host.invalid' is not an address .* agi_addresses"):
+        await server.start()
+    assert server.sockets == ()  # nothing was bound
+
+
+# -- slow clients and floods ------------------------------------------------------------------------------
+
+
+async def trickle(port: int, data: bytes, interval_s: float, max_bytes: int) -> int | None:
+    """Write `data` one byte every `interval_s` seconds, at most `max_bytes` of it, until the server closes.
+    Returns how many bytes were written when the server closed, or None if it never did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    closed = asyncio.ensure_future(reader.read())  # b"" (or a reset) once the server closes
+    sent = 0
+    try:
+        for byte in data[:max_bytes]:
+            if closed.done():
+                break
+            writer.write(bytes([byte]))
+            sent += 1
+            await asyncio.wait({closed}, timeout=interval_s)
+        return sent if closed.done() else None
+    finally:
+        closed.cancel()
+        with contextlib.suppress(asyncio.CancelledError, OSError):
+            await closed
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def test_a_trickling_client_is_cut_by_the_whole_header_deadline() -> None:
+    """A byte every 50 ms: no single read waits long, yet the block must be complete within env_timeout_s."""
+    queue: Queue = asyncio.Queue()
+    before = rejected("timeout")
+    header = encode_environment(environment())
+    async with serving({"authorize": answering(queue)}, env_timeout_s=0.3) as server:
+        sent = await trickle(server.port, header, 0.05, 60)
+    assert sent is not None, "the server kept a trickling client past 60 bytes"
+    assert sent < len(header)
+    assert rejected("timeout") == before + 1
+    assert queue.empty()
+
+
+async def test_trickled_replies_are_cut_by_the_batch_deadline() -> None:
+    queue: Queue = asyncio.Queue()
+
+    async def handler(session: AgiSession) -> None:
+        try:
+            await session.execute(*ANSWER)
+        except TimeoutError as exc:
+            await queue.put((session.failure, exc))
+            raise
+
+    before = rejected("timeout")
+    replies = b"200 result=1\n" * len(ANSWER)
+    async with serving({"authorize": handler}, command_timeout_s=0.3) as server, raw_client(server) as (r, w):
+        w.write(encode_environment(environment()))
+        async with asyncio.timeout(1):
+            await r.readexactly(len(b"".join(ANSWER)))
+        sent = 0
+        for byte in replies:  # a byte every 50 ms: 39 bytes, far past the 0.3 s the batch may take
+            if not queue.empty():
+                break
+            w.write(bytes([byte]))
+            sent += 1
+            await asyncio.sleep(0.05)
+        assert await read_to_eof(r) == b""
+    failure, exc = queue.get_nowait()
+    assert failure == "timeout" and isinstance(exc, TimeoutError)
+    assert sent < len(replies)
+    assert rejected("timeout") == before + 1
+
+
+async def test_honest_calls_are_answered_through_slow_clients_and_a_flood() -> None:
+    """A flood of silent connections past the cap, then slow clients (a byte a second) that stay attached,
+    then honest calls all at once: every honest call is answered, and the counters say what was shed."""
+    cap, flood_n, slow_n, honest_n = 16, 30, 4, 10
+    queue: Queue = asyncio.Queue()
+    header = encode_environment(environment())
+    shed0, over0, served = rejected("shed_slow"), rejected("over_capacity"), sessions("authorize")
+    with capture_logs() as logs:
+        async with (
+            serving({"authorize": answering(queue)}, max_connections=cap, env_timeout_s=30.0,
+                    shed_after_s=0.1) as server,
+            contextlib.AsyncExitStack() as attached,
+        ):
+            # 1. The flood: each connection past the cap is refused, or sheds an older silent one.
+            for _ in range(flood_n):
+                await attached.enter_async_context(raw_client(server))
+            assert await eventually(
+                lambda: rejected("shed_slow") + rejected("over_capacity") == shed0 + over0 + flood_n - cap)
+            assert await eventually(lambda: server.active == cap)
+            await asyncio.sleep(0.25)  # the flood's connections are now past shed_after_s
+            # 2. Slow clients: each takes the slot of the oldest silent connection, and keeps it.
+            shed1, over1 = rejected("shed_slow"), rejected("over_capacity")
+            slow = [asyncio.create_task(trickle(server.port, header, 1.0, 30)) for _ in range(slow_n)]
+            try:
+                assert await eventually(lambda: rejected("shed_slow") == shed1 + slow_n)
+                assert rejected("over_capacity") == over1
+                await asyncio.sleep(0.25)  # the slow clients are past shed_after_s too
+                # 3. Honest calls, all at once, at capacity: they shed the oldest (the flood), never refused.
+                shed2 = rejected("shed_slow")
+                results = await asyncio.gather(
+                    *(run_session("127.0.0.1", server.port, environment()) for _ in range(honest_n)))
+                assert not any(task.done() for task in slow)  # still trickling: the flood went first
+            finally:
+                for task in slow:
+                    task.cancel()
+                await asyncio.gather(*slow, return_exceptions=True)
+    assert [r.variables.get("A2B_STATUS") for r in results] == ["OK"] * honest_n
+    assert all(r.server_closed for r in results)
+    assert queue.qsize() == honest_n and sessions("authorize") == served + honest_n
+    assert rejected("over_capacity") == over1  # no honest call was refused
+    assert shed2 < rejected("shed_slow") <= shed2 + honest_n
+    # Dozens of refusals from one address, one warning line per reason (see _LOG_EVERY_S in the server).
+    assert len(warnings_for(logs, "shed_slow")) == 1
+    assert len(warnings_for(logs, "over_capacity")) <= 1
+
+
 # -- shutdown ---------------------------------------------------------------------------------------------
 
 
@@ -545,11 +739,8 @@ async def test_close_cancels_sessions_past_the_grace() -> None:
     call = asyncio.create_task(run_session("127.0.0.1", server.port, environment()))
     assert await asyncio.wait_for(queue.get(), 1) == "entered"
     with capture_logs() as logs:
-        started = time.monotonic()
-        await server.close(grace_s=0.1)
-        elapsed = time.monotonic() - started
+        await asyncio.wait_for(server.close(grace_s=0.1), 2)
     result = await asyncio.wait_for(call, 1)
-    assert 0.1 <= elapsed < 1.0
     assert queue.get_nowait() == "cancelled"
     assert result.server_closed and result.variables == {}
     assert [e["count"] for e in logs if e["event"] == "agi sessions cancelled at shutdown"] == [1]
