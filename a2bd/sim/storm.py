@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -66,6 +66,8 @@ SERVER = "storm"  # the simulated Asterisk's name in the daemon's settings: the 
 MAX_IN_FLIGHT = 20_000  # calls the simulator runs at once, at most (its own memory)
 DRAIN_S = 30.0  # how long the books wait for the daemon's last ledger batch
 KINDS = ("prepaid", "postpaid", "blocked", "expired")
+# Runs beside a storm with the daemon's FastAGI address (hostile clients in bench/agi_hostile.py).
+SideLoad = Callable[[tuple[str, int]], Coroutine[Any, Any, None]]
 
 
 # -- the plan (pure) -----------------------------------------------------------------------------------
@@ -417,10 +419,11 @@ class _Serve:
 
 async def run_storm(
     calls: Sequence[PlannedCall], accounts: Sequence[StormAccount], entries: Sequence[RateEntry], *,
-    pg_url: str, redis_url: str, fault: Fault | None = None,
+    pg_url: str, redis_url: str, fault: Fault | None = None, side_load: SideLoad | None = None,
 ) -> StormReport:
     """Set up, start the simulator and the daemon, place the calls on time (injecting `fault`), then check
-    the books."""
+    the books. `side_load`, if given, runs beside the calls with the daemon's FastAGI address (hostile
+    clients, in bench/agi_hostile.py) and is cancelled when they are done."""
     await setup_world(pg_url, accounts, entries)
     async with contextlib.AsyncExitStack() as stack:
         daemon_pg, daemon_redis, cdr_table = pg_url, redis_url, ""
@@ -489,11 +492,17 @@ async def run_storm(
         scraper = asyncio.create_task(_scrape(metrics_ports[-1], scrapes))
         rss: list[float] = [0.0]
         watcher = asyncio.create_task(_peak_rss(lambda: serve.pid, rss))
+        side: asyncio.Task[None] | None = None
+        if side_load is not None:
+            side = asyncio.create_task(side_load(("127.0.0.1", serve.agi_port)))
         try:
             outcomes, live, started = await _place(sim, calls, injection, steps)
         finally:
             scraper.cancel()
             watcher.cancel()
+            if side is not None:
+                side.cancel()
+                await asyncio.gather(side, return_exceptions=True)
         verdict = await _books(pg_url, redis_url, accounts, outcomes, entries,
                                drain_s=DRAIN_S if fault is None else 3 * DRAIN_S,
                                guard_blinded=fault is not None and fault.kind in ("ami", "kill"))
@@ -743,7 +752,8 @@ def load_entries(path: Path = SAMPLE) -> list[RateEntry]:
 
 
 async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | None,
-                     urls: tuple[str, str, str] | None = None, fault: Fault | None = None) -> StormReport:
+                     urls: tuple[str, str, str] | None = None, fault: Fault | None = None,
+                     side_load: SideLoad | None = None) -> StormReport:
     """`a2bd storm`: a scratch database and Redis db, created and dropped. `urls`: (admin PostgreSQL, the
     scratch database, the Redis db) to use instead of `a2bd_storm` and db 12 on the machine's servers."""
     from a2bd.devservers import find_servers, with_database, with_redis_db
@@ -767,7 +777,8 @@ async def storm_main(plan: StormPlan, csv_path: Path | None, plot_path: Path | N
         if strangers:
             raise InputError(f"calls name accounts the storm does not create: {', '.join(strangers[:10])} "
                              f"(its accounts are {min(known)}..{max(known)})")
-        report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url, fault=fault)
+        report = await run_storm(calls, accounts, entries, pg_url=pg_url, redis_url=redis_url, fault=fault,
+                                 side_load=side_load)
         if plot_path is not None:
             plot(report, plot_path)
             plot_dashboard(report, dashboard_path(plot_path))
