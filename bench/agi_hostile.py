@@ -50,17 +50,17 @@ async def _until_closed(reader: asyncio.StreamReader, limit_s: float) -> bool:
     return False
 
 
-async def _hold(address: tuple[str, int], kind: str, data: bytes, stop: asyncio.Event) -> int:
+async def _hold(address: tuple[str, int], kind: str, data: bytes, stop: asyncio.Event,
+                connects: dict[str, int]) -> None:
     """One hostile client until `stop`: connect, misbehave as `kind`, and connect again half a second after
-    the daemon closes it. Returns how many times it connected."""
-    connects = 0
+    the daemon closes it. Counts its connections in `connects[kind]`."""
     while not stop.is_set():
         try:
             reader, writer = await asyncio.open_connection(*address)
         except OSError:
             await asyncio.sleep(0.5)
             continue
-        connects += 1
+        connects[kind] = connects.get(kind, 0) + 1
         try:
             if kind == "slow":  # one byte a second of an honest environment
                 for i in range(len(data)):
@@ -79,7 +79,6 @@ async def _hold(address: tuple[str, int], kind: str, data: bytes, stop: asyncio.
         finally:
             writer.close()
         await asyncio.sleep(0.5)
-    return connects
 
 
 def hostile(args: argparse.Namespace, connects: dict[str, int]) -> Any:
@@ -89,17 +88,15 @@ def hostile(args: argparse.Namespace, connects: dict[str, int]) -> Any:
     async def load(address: tuple[str, int]) -> None:
         stop = asyncio.Event()
         kinds = (("slow", args.slow, env), ("flood", args.flood, b""), ("long", args.long, overlong))
-        tasks = {kind: [asyncio.create_task(_hold(address, kind, data, stop)) for _ in range(n)]
-                 for kind, n, data in kinds}
+        tasks = [asyncio.create_task(_hold(address, kind, data, stop, connects))
+                 for kind, n, data in kinds for _ in range(n)]
         try:
             await asyncio.Event().wait()  # until the storm's calls are done and it cancels us
         finally:
             stop.set()
-            for kind, group in tasks.items():
-                for task in group:
-                    task.cancel()
-                done = await asyncio.gather(*group, return_exceptions=True)
-                connects[kind] = sum(d for d in done if isinstance(d, int))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     return load
 
@@ -115,6 +112,8 @@ def rejected(scrapes: list[tuple[float, dict[str, float]]]) -> dict[str, int]:
 async def main(args: argparse.Namespace, urls: tuple[str, str, str]) -> int:
     print(f"   calibration loop {calibrate_ms():.1f} ms")
     os.environ["A2BD_AGI_MAX_CONNECTIONS"] = str(args.cap)  # the daemon's cap, for both storms
+    if args.shed_after is not None:
+        os.environ["A2BD_AGI_SHED_AFTER_S"] = str(args.shed_after)
     plan = StormPlan(rate=args.rate, calls=int(args.rate * args.seconds), accounts=2000, mean_talk_s=3.0,
                      max_talk_s=8.0, seed=20261123)
     for label in ("quiet", "hostile"):
@@ -138,13 +137,15 @@ if __name__ == "__main__":
     parser.add_argument("--flood", type=int, default=600, help="silent connections")
     parser.add_argument("--long", type=int, default=20, help="over-long-line connections")
     parser.add_argument("--cap", type=int, default=500, help="the daemon's agi.max_connections")
+    parser.add_argument("--shed-after", type=float, help="the daemon's agi.shed_after_s (default: its default)")
     arguments = parser.parse_args()
     if not (0 < arguments.rate <= 2000 and 0 < arguments.seconds <= 300 and 0 <= arguments.slow <= 5000
             and 0 <= arguments.flood <= 5000 and 0 <= arguments.long <= 500 and 1 <= arguments.cap <= 10000):
         parser.error("bounds: rate 0..2000, seconds 0..300, slow/flood 0..5000, long 0..500, cap 1..10000")
     print_machine("bench/agi_hostile.py")
     print(f"   args     --rate {arguments.rate:g} --seconds {arguments.seconds:g} --slow {arguments.slow} "
-          f"--flood {arguments.flood} --long {arguments.long} --cap {arguments.cap}")
+          f"--flood {arguments.flood} --long {arguments.long} --cap {arguments.cap}"
+          + (f" --shed-after {arguments.shed_after:g}" if arguments.shed_after is not None else ""))
     bench = bench_urls()
     with BenchLock(bench[0]), asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         sys.exit(runner.run(main(arguments, bench)))

@@ -13,7 +13,7 @@ from a2bd.errors import ConfigError
 def test_defaults_allow_loopback_only() -> None:
     agi = load_settings(None, {}).agi
     assert agi.allow == "" and agi.allow_entries == ()
-    assert agi.shed_after_s == 0.5
+    assert agi.shed_after_s == 0.1
 
 
 def test_allow_from_the_file_and_the_environment(tmp_path: Path) -> None:
