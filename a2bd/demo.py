@@ -47,6 +47,7 @@ DB = "a2bd_demo"
 REDIS_DB = 13
 DEMO_PDF = Path(".a2bd-dev") / "demo-invoice.pdf"  # kept after the demo, to open
 DEMO_PLOT = Path(".a2bd-dev") / "demo-storm.png"
+DEMO_CALLS = Path(".a2bd-dev") / "demo-storm.csv"  # the storm's calls, as `a2bd storm --csv` reads them
 ACCOUNTS: list[tuple[str, str, dict[str, Any]]] = [
     # number, what it is, create_account fields
     ("2000000001", "pre-paid, 10.00", dict(initial_balance_micro=10_000_000, max_calls=20)),
@@ -285,12 +286,26 @@ async def main() -> None:
 
 
 async def storm() -> None:
-    """`a2bd storm` in small: 600 calls at 100/s on 150 accounts, then the books checked call by call."""
-    from a2bd.sim.storm import StormPlan, storm_main
+    """`a2bd storm` in small: 600 calls at 100/s on 150 accounts and 4 pairs of calls that only the credit guard
+    can stop in time, then the books checked call by call."""
+    from a2bd.sim.storm import PlannedCall, StormPlan, destinations, load_entries, make_accounts, plan_calls, storm_main
 
-    print("\n== a storm: 600 calls at 100/s from a simulated Asterisk, against `a2bd serve` as a process ==")
+    print("\n== a storm: 600 calls at 100/s, plus 4 pairs on small pre-paid credits, from a simulated Asterisk, "
+          "against `a2bd serve` as a process ==")
     plan = StormPlan(rate=100, calls=600, accounts=150, mean_talk_s=4, max_talk_s=12)
-    report = await storm_main(plan, None, DEMO_PLOT)
+    entries, accounts = load_entries(), make_accounts(plan)
+    numbers = destinations(entries, plan.seed)
+    calls = plan_calls(plan, accounts, numbers)
+    # Beside the random calls, two calls at once from each of a few small pre-paid credits to the satellite
+    # destination (6.00 a minute): each call's L() limit alone would let the pair spend the credit twice,
+    # so the credit guard cuts both at the instant they have used it together.
+    satellite = next(n for n in numbers if n.startswith("8816"))
+    pairs = [a for a in accounts if a.kind == "prepaid" and a.max_calls == 4 and a.opening_micro >= 300_000][:4]
+    calls += [PlannedCall(1.0 + i, a.number, satellite, 60.0) for i, a in enumerate(pairs) for _ in range(2)]
+    DEMO_CALLS.parent.mkdir(exist_ok=True)
+    DEMO_CALLS.write_text("start_s,account,destination,talk_s,outcome\n" + "".join(
+        f"{c.at_s},{c.account},{c.destination},{c.talk_s},{c.outcome}\n" for c in calls))
+    report = await storm_main(plan, DEMO_CALLS, DEMO_PLOT)
     summary = report.summary()
     rows = [("calls placed", summary["calls"]), ("calls/s reached", summary["calls_per_s"]),
             ("authorize p50 / p99 / max (ms)",
