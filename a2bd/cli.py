@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--fault", choices=FAULTS, help="inject a fault: kill (SIGKILL the daemon, then start it "
                    "again), redis (restart the storm's own Redis empty), postgres (cut the daemon's connections), "
-                   "ami (cut the AMI connection); see docs/reliability.md")
+                   "ami (cut the AMI connection), twin (two daemons, the first killed for good); "
+                   "see docs/reliability.md")
     p.add_argument("--fault-at", type=float, default=10.0, help="seconds after the first call")
     p.add_argument("--fault-for", type=float, default=5.0, help="seconds the part stays down")
     p.set_defaults(command=cmd_storm)

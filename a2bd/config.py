@@ -43,7 +43,7 @@ class AgiSettings:
     allow: str = ""
     # At max_connections, a connection still without its environment after this long is closed to make
     # room for a new one (Asterisk writes the block as soon as it connects). bench/agi_hostile.py: at 0.5 s
-    # a flood kept every slot young enough that 2.5 % of honest calls were refused; at 0.1 s none were.
+    # a flood kept every slot young enough that 102 of 4,000 honest calls were refused; at 0.1 s, 5.
     shed_after_s: float = 0.1
 
     @property

@@ -26,7 +26,6 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from _common import BenchLock, bench_urls, calibrate_ms, print_machine
 
 from a2bd.sim.agi import encode_environment, make_environment
-from a2bd.sim.storm import StormPlan, storm_main
+from a2bd.sim.storm import SideLoad, StormPlan, storm_main
 
 REJECTED = "a2bd_agi_rejected_total"
 
@@ -81,7 +80,7 @@ async def _hold(address: tuple[str, int], kind: str, data: bytes, stop: asyncio.
         await asyncio.sleep(0.5)
 
 
-def hostile(args: argparse.Namespace, connects: dict[str, int]) -> Any:
+def hostile(args: argparse.Namespace, connects: dict[str, int]) -> SideLoad:
     env = encode_environment(make_environment(uniqueid="1.1", channel="Local/1@x-0;2", extension="1"))
     overlong = b"agi_network: yes\n" + b"x" * (1 << 20)
 

@@ -199,16 +199,18 @@ async def main(args: argparse.Namespace, urls: Urls) -> int:
         return 0
     results = {}
     plots = Path(tempfile.mkdtemp(prefix="a2bd-bench-storm-"))  # each rate's run plot; the best one is kept
-    for rate in rates:
-        results[rate] = await storm(urls, rate, args.seconds, args.accounts, plot_path=plots / f"{rate:g}.png")
-        print(row(f"rate {rate:g}", results[rate]), flush=True)
-    sustained = [r for r in rates if results[r]["sustained"]]
-    best = max(sustained, default=0.0)
-    args.plots.mkdir(parents=True, exist_ok=True)
-    if best:
-        shutil.copy(plots / f"{best:g}.png", args.plots / "storm-run.png")
-        shutil.copy(dashboard_path(plots / f"{best:g}.png"), args.plots / "storm-run-dashboard.png")
-    shutil.rmtree(plots)
+    try:
+        for rate in rates:
+            results[rate] = await storm(urls, rate, args.seconds, args.accounts, plot_path=plots / f"{rate:g}.png")
+            print(row(f"rate {rate:g}", results[rate]), flush=True)
+        sustained = [r for r in rates if results[r]["sustained"]]
+        best = max(sustained, default=0.0)
+        args.plots.mkdir(parents=True, exist_ok=True)
+        if best:
+            shutil.copy(plots / f"{best:g}.png", args.plots / "storm-run.png")
+            shutil.copy(dashboard_path(plots / f"{best:g}.png"), args.plots / "storm-run-dashboard.png")
+    finally:
+        shutil.rmtree(plots)
     base = await baseline(max(rates), args.seconds)
     print(row(f"baseline {max(rates):g}", base), flush=True)
     half = None

@@ -67,8 +67,9 @@ def migrations(directory: Path | None = None) -> list[Migration]:
     return [Migration(p.stem, p) for p in sorted(folder.glob("[0-9][0-9][0-9][0-9]_*.sql"))]
 
 
-# Once sql/0004_roles.sql made a2bd_owner the owner of the schema, every migration runs as it, so that what
-# later migrations create is the owner's too (whoever of its members applies them).
+# Once sql/0004_roles.sql has made a2bd_owner the owner of a2bd's tables (schema_migrations among them), every
+# migration runs as it, so that what later migrations create is the owner's too (whoever of its members
+# applies them).
 _OWNED_SCHEMA = ("SELECT pg_get_userbyid(relowner) = 'a2bd_owner' FROM pg_class"
                  " WHERE oid = 'schema_migrations'::regclass")
 

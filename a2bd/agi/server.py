@@ -50,10 +50,10 @@ _CANCEL_WAIT_S = 1.0
 _LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 # How long start() waits for the addresses of an Asterisk server given by name.
 _RESOLVE_TIMEOUT_S = 5.0
-# Refusals made at accept time (peer, over_capacity, shed_slow) are what a flood or a scan produces at the
-# rate it connects: they are logged once per reason and address every _LOG_EVERY_S seconds, the next line
-# saying how many were not (`suppressed`); the counter counts them all. At most _LOG_KEYS addresses are
-# remembered (the oldest is forgotten first), so the memory of a scan from many addresses stays bounded.
+# Rejected connections (a stranger, over capacity, shed, malformed, overrun, too slow...) are what a flood or
+# a scan produces at the rate it connects: they are logged once per reason and address every _LOG_EVERY_S
+# seconds, the next line saying how many were not (`suppressed`); the counter counts them all. At most
+# _LOG_KEYS addresses are remembered (the oldest is forgotten first): a scan from many addresses stays bounded.
 _LOG_EVERY_S = 10.0
 _LOG_KEYS = 1024
 # Verdicts on peer addresses, remembered so that a session pays one dict probe; cleared when this big.
@@ -306,7 +306,7 @@ class AgiServer:
         if not self._is_allowed(peer[0]):
             # Closed before a byte is read: FastAGI has no authentication, the address is the only gate.
             writer.close()
-            self._refuse("peer", peer)
+            self._reject("peer", peer)
             return
         if self._closing:
             # Accepted by the kernel just before close() stopped the listener.
@@ -319,7 +319,7 @@ class AgiServer:
             # Refuse before spending anything on it: Asterisk sees the close, AGISTATUS=FAILURE, A2B_STATUS
             # stays unset and the dialplan denies the call.
             writer.close()
-            self._refuse("over_capacity", peer, active=len(self._tasks) - len(self._leaving))
+            self._reject("over_capacity", peer, active=len(self._tasks) - len(self._leaving))
             return
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -362,11 +362,12 @@ class AgiServer:
         del self._waiting[task]
         self._leaving.add(task)
         writer.transport.abort()  # its readuntil() ends at once; _read_environment() sees it left
-        self._refuse("shed_slow", peer, waited_s=round(now - since, 3))
+        self._reject("shed_slow", peer, waited_s=round(now - since, 3))
         return True
 
-    def _refuse(self, reason: str, peer: tuple[str, int], **fields: object) -> None:
-        """Count a refusal made at accept time; log it once per reason and address every _LOG_EVERY_S."""
+    def _reject(self, reason: str, peer: tuple[str, int], **fields: object) -> None:
+        """Count a rejected connection; log it once per reason and address every _LOG_EVERY_S (a flood of
+        bad connections from one address is one line, then one with how many were `suppressed`)."""
         AGI_REJECTED.labels(reason).inc()
         key = (reason, peer[0])
         assert self._loop is not None
@@ -471,9 +472,6 @@ class AgiServer:
                     exc_info=exc,
                 )
 
-    def _reject(self, reason: str, peer: tuple[str, int], **fields: object) -> None:
-        AGI_REJECTED.labels(reason).inc()
-        self._log.warning("agi connection rejected", reason=reason, peer=_show(peer), **fields)
 
 
 def _peer(writer: asyncio.StreamWriter) -> tuple[str, int]:

@@ -1175,20 +1175,22 @@ class SimAsterisk:
         self._newexten(b2, 4, "AGI", script)
         result: SimResult | None = None
         if self.agi is not None:
-            env = make_environment(
-                uniqueid=b2.uniqueid,
-                channel=b2.name,
-                extension=spec.extension,
-                callerid=spec.callerid,
-                calleridname=spec.calleridname,
-                accountcode=b2.account,
-                host=host,
-                port=port,
-                args=spec.agi_args,
-            )
+            def environment(host: str, port: int) -> dict[str, str]:
+                return make_environment(
+                    uniqueid=b2.uniqueid,
+                    channel=b2.name,
+                    extension=spec.extension,
+                    callerid=spec.callerid,
+                    calleridname=spec.calleridname,
+                    accountcode=b2.account,
+                    host=host,
+                    port=port,
+                    args=spec.agi_args,
+                )
+
             began = time.perf_counter()
             try:
-                result = await run_session(host, port, env, timeout_s=self.agi_timeout_s)
+                result = await run_session(host, port, environment(host, port), timeout_s=self.agi_timeout_s)
             except OSError:
                 result = None  # refused: AGISTATUS=FAILURE at once, no AGIExec events (transcript 07)
                 if self.agi_backup is not None:
@@ -1196,8 +1198,7 @@ class SimAsterisk:
                     # res_agi tries the next target when one refuses the connection.
                     host, port = self.agi_backup
                     try:
-                        result = await run_session(host, port, {**env, "agi_request": f"agi://{host}:{port}"
-                                                                f"/authorize"}, timeout_s=self.agi_timeout_s)
+                        result = await run_session(host, port, environment(host, port), timeout_s=self.agi_timeout_s)
                     except OSError:
                         result = None
             call.result.authorize_s = time.perf_counter() - began

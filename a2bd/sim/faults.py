@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ class Injection:
 
     fault: Fault
     injected_at: float = 0.0
+    down_at: float = 0.0  # when the part was down (the kill reaped, the proxy closed...)
     restored_at: float = 0.0
     in_flight: int = 0  # calls the simulator had under way at the injection
 
@@ -102,10 +104,13 @@ async def inject(injection: Injection, down: Callable[[], Awaitable[None]], up: 
     await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
     injection.in_flight = in_flight()
     injection.injected_at = time.time()
-    await down()
-    await asyncio.sleep(fault.for_s)
-    injection.restored_at = time.time()  # recovery counts from here: a restart's own time is part of it
-    await up()
+    try:
+        await down()
+        injection.down_at = time.time()
+        await asyncio.sleep(fault.for_s)
+    finally:  # cancelled or failed while down: the part is brought back all the same
+        injection.restored_at = time.time()  # recovery counts from here: a restart's own time is part of it
+        await up()
 
 
 def fault_report(injection: Injection, outcomes: Sequence[Any], scrapes: Sequence[tuple[float, dict[str, float]]],
@@ -119,10 +124,7 @@ def fault_report(injection: Injection, outcomes: Sequence[Any], scrapes: Sequenc
     """
     fault, t0, t1 = injection.fault, injection.injected_at, injection.restored_at
     during = [o for o in outcomes if t0 <= o.started_at < t1]
-    statuses: dict[str, int] = {}
-    for o in during:
-        key = o.result.status or "no answer (AGI failed)"
-        statuses[key] = statuses.get(key, 0) + 1
+    statuses = Counter(o.result.status or "no answer (AGI failed)" for o in during)
     recover: float | None = None
     if fault.kind in ("kill", "redis", "twin"):
         since = t0 if fault.kind == "twin" else t1
@@ -141,12 +143,13 @@ def fault_report(injection: Injection, outcomes: Sequence[Any], scrapes: Sequenc
         "fault_at_s": fault.at_s,
         "fault_for_s": fault.for_s,
         "injected_at": round(t0, 3),  # wall clock
+        "down_at": round(injection.down_at, 3),
         "restored_at": round(t1, 3),
         "calls_in_flight": injection.in_flight,
         "calls_lost": missing,
         "calls_doubled": doubled,
         "calls_during_fault": len(during),
-        "statuses_during_fault": statuses,
+        "statuses_during_fault": dict(statuses),
         "ledger_backlog_max": int(backlog),
         "recover_s": None if recover is None else round(max(recover, 0.0), 2),
     }

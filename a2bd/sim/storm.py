@@ -501,10 +501,10 @@ async def run_storm(
         # The survivor's metrics in a twin run; else the only daemon's.
         scraper = asyncio.create_task(_scrape(metrics_ports[-1], scrapes))
         rss: list[float] = [0.0]
-        watcher = asyncio.create_task(_peak_rss(lambda: serve.pid, rss))
+        watcher = asyncio.create_task(_peak_rss(lambda: serves[-1].pid, rss))  # a twin run: the survivor
         side: asyncio.Task[None] | None = None
         if side_load is not None:
-            side = asyncio.create_task(side_load(("127.0.0.1", serve.agi_port)))
+            side = asyncio.create_task(side_load(("127.0.0.1", serves[-1].agi_port)))
         try:
             outcomes, live, started = await _place(sim, calls, injection, steps)
         finally:
@@ -611,6 +611,7 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], injection: Inje
     finally:
         if fault is not None:
             fault.cancel()
+            await asyncio.gather(fault, return_exceptions=True)  # a part left down is brought back up
         sampler.cancel()
         for task in list(tasks):
             task.cancel()
