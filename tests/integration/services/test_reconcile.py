@@ -29,19 +29,13 @@ from a2bd.services.lifecycle import list_channels
 from a2bd.services.reconcile import Reconciler
 from a2bd.services.sync import sync_redis
 from a2bd.sim.ami import CallSpec, SimAsterisk
+from a2bd.sim.cdr import create_table
 
 pytestmark = pytest.mark.integration
 
 ACCOUNT = "1000000001"
 SELL = SellRate(rate_per_min_micro=120_000, increment_s=6)
 BUY = BuyRate(60_000)
-CDR_TABLE = """
-CREATE TABLE IF NOT EXISTS cdr (
-    accountcode text, src text, dst text, dcontext text, clid text, channel text, dstchannel text,
-    lastapp text, lastdata text, start timestamp, answer timestamp, "end" timestamp, duration integer,
-    billsec integer, disposition text, amaflags text, userfield text, uniqueid text, linkedid text,
-    peeraccount text, sequence integer
-)"""
 
 
 class Rig:
@@ -70,7 +64,7 @@ async def rig(pg: asyncpg.Connection, pg_url: str, store: RedisStore) -> AsyncIt
     await postgres.add_provider(pg, "carrier-a", "PJSIP/{number}@carrier-a")
     await postgres.replace_tariff(pg, "retail", [RateEntry("49", "Germany", SELL, "carrier-a", BUY)])
     await postgres.create_account(pg, number=ACCOUNT, tariff="retail", initial_balance_micro=10_000_000)
-    await pg.execute(CDR_TABLE)
+    await create_table(pg)
     await pg.execute("TRUNCATE cdr")
     await sync_redis(pg, store)
     pool = await asyncpg.create_pool(pg_url, min_size=1, max_size=3)
