@@ -19,7 +19,6 @@ then a byte per read size up to a 0 byte.
 
 from __future__ import annotations
 
-import itertools
 import sys
 from pathlib import Path
 
@@ -31,10 +30,6 @@ sys.path.insert(0, str(ROOT))
 with atheris.instrument_imports(include=["a2bd.agi.protocol"]):
     from a2bd.agi.protocol import (
         MAX_COMMAND_BYTES,
-        MAX_USAGE_BYTES,
-        AgiReply,
-        Hangup,
-        ReplyStream,
         format_command,
         parse_environment,
         parse_reply_line,
@@ -42,42 +37,10 @@ with atheris.instrument_imports(include=["a2bd.agi.protocol"]):
     )
     from a2bd.errors import ProtocolError
 
+    # The hypothesis tests' own helpers: one definition of the properties, run briefly in CI, at length here.
+    from tests.unit.agi.test_protocol_fuzz import check_reply, read_stream
+
 ENVIRONMENT, STREAM, REPLY_LINE, COMMAND = range(4)
-
-
-def check_reply(event: AgiReply | Hangup) -> None:
-    if isinstance(event, AgiReply):
-        assert 0 <= event.code <= 999
-        assert event.endpos is None or isinstance(event.endpos, int)
-        for name, _value in event.extras:
-            assert event.get(name) is not None
-        assert isinstance(event.ok, bool)
-
-
-def read_stream(data: bytes, cuts: list[int], max_bytes: int) -> tuple[list[AgiReply | Hangup], str]:
-    """As AgiSession reads: feed (at most `room` bytes, in reads of the `cuts` sizes) only when
-    next_event() wants more. Returns the events and how it ended (``more`` or the error)."""
-    stream = ReplyStream(max_bytes)
-    events: list[AgiReply | Hangup] = []
-    position = 0
-    sizes = itertools.cycle(cuts)
-    for _ in range(2 * len(data) + 2):
-        try:
-            event = stream.next_event()
-        except ProtocolError as exc:
-            return events, f"{type(exc).__name__}: {exc}"
-        assert stream.buffered_bytes <= max_bytes
-        assert stream.replies.buffered_bytes <= MAX_USAGE_BYTES
-        if event is not None:
-            events.append(event)
-            continue
-        if position == len(data):
-            return events, "more"
-        assert stream.room > 0
-        size = min(next(sizes), stream.room, len(data) - position)
-        stream.feed(data[position : position + size])
-        position += size
-    raise AssertionError("the reply stream made no progress")
 
 
 def fuzz_environment(block: bytes) -> None:
