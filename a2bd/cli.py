@@ -290,7 +290,7 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
         await conn.close()
     await _push_accounts(settings, [dict(record)])
     if args.json:
-        print(json.dumps(_account_json(record, {}), indent=2))
+        print(json.dumps(_account_json(record, {}, {}), indent=2))
     else:
         print(record["number"])
     return 0
@@ -368,9 +368,10 @@ async def cmd_account_show(args: argparse.Namespace, settings: Settings) -> int:
     store = RedisStore.from_url(settings.redis.url, settings.redis.timeout_s)
     try:
         calls = await store.live_calls(args.number, int(datetime.now(UTC).timestamp() * 1000))
+        parked = await store.parked(args.number)
     finally:
         await store.close()
-    data = _account_json(record, calls)
+    data = _account_json(record, calls, parked)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -555,7 +556,7 @@ async def _free_number(conn: Any) -> str:
     raise InputError("could not find a free account number; give one with --number")
 
 
-def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
+def _account_json(record: Any, calls: dict[str, int], parked: dict[str, int]) -> dict[str, Any]:
     available = record["balance_micro"] + record["credit_limit_micro"]
     return {
         "number": record["number"],
@@ -567,6 +568,9 @@ def _account_json(record: Any, calls: dict[str, int]) -> dict[str, Any]:
         "available_credit": format_amount(available),
         "held_by_live_calls": format_amount(sum(calls.values())),
         "live_calls": len(calls),
+        # Ended while PostgreSQL was away: their prices are held until their ledger lines are written.
+        "held_by_ended_calls": format_amount(sum(parked.values())),
+        "ended_calls_waiting": len(parked),
         "max_calls": record["max_calls"],
         "expires_at": record["expires_at"].isoformat() if record["expires_at"] else None,
         "restrict_mode": record["restrict_mode"],

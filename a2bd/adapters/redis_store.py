@@ -5,7 +5,7 @@ Redis Cluster):
 
     a2b:{acct:N}           hash   number, status, tariff, balance, credit_limit, max_calls, expires_at,
                                   restrict_mode, restrict_prefixes (comma-separated), timezone, currency,
-                                  held (sum of the live calls' holds: written only by the Lua scripts),
+                                  held (the live calls' holds and the parked prices: written only by Lua),
                                   lid (newest ledger line the balance includes), day + today_s (billed
                                   seconds of the UTC day), daily_limit_s,
                                   v (version: bumped by every load from PostgreSQL, so a daemon that
@@ -16,6 +16,8 @@ Redis Cluster):
                                   time and channel once answered): what any daemon needs to rate or guard it
     a2b:{acct:N}:ended     hash   ended calls, rated, whose ledger line is not yet written: call id -> JSON
                                   (survives a daemon killed while PostgreSQL is away; removed by the settle)
+    a2b:{acct:N}:parked    hash   the same calls' prices, counted in `held` in place of their slots, so
+                                  an outage neither takes slots from the account nor forgets what it owes
     a2b:cid:<callerid>     string account number owning this caller ID
     a2b:pin:<pin>          string account number owning this PIN
     a2b:prov:<name>        hash   name, dial, enabled, balance, lid, balance_limit, daily_limit_s, day, today_s
@@ -76,13 +78,18 @@ def ended_key(number: str) -> str:
     return f"a2b:{{acct:{number}}}:ended"
 
 
+def parked_key(number: str) -> str:
+    return f"a2b:{{acct:{number}}}:parked"
+
+
 def live_keys(number: str) -> list[str]:
     """KEYS of the reserve/release scripts, in their order."""
     return [account_key(number), calls_key(number), expiry_key(number), record_key(number)]
 
 
 def settle_keys(number: str) -> list[str]:
-    return [account_key(number), calls_key(number), expiry_key(number), record_key(number), ended_key(number)]
+    """KEYS of settle.lua and park.lua, in their order."""
+    return [*live_keys(number), ended_key(number), parked_key(number)]
 
 
 def number_of(key: str) -> str:
@@ -165,6 +172,7 @@ class RedisStore:
         self._reserve = Script("reserve")
         self._release = Script("release")
         self._settle = Script("settle")
+        self._park = Script("park")
         self._rebase = Script("rebase")
         self._provider_settle = Script("provider_settle")
         self._update_call = Script("update_call")
@@ -187,8 +195,8 @@ class RedisStore:
     async def ping(self) -> None:
         """Check Redis answers and load the scripts, so the first call pays no SCRIPT LOAD."""
         await self._guard(self.client.ping())
-        for script in (self._reserve, self._release, self._settle, self._rebase, self._provider_settle,
-                       self._update_call):
+        for script in (self._reserve, self._release, self._settle, self._park, self._rebase,
+                       self._provider_settle, self._update_call):
             await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
 
     async def _guard(self, awaitable: Any) -> Any:
@@ -253,20 +261,34 @@ class RedisStore:
         record: str | None = await self._guard(self.mux.execute("HGET", record_key(number), call_id))
         return record
 
-    async def record_ended(self, number: str, call_id: str, record: str) -> None:
-        """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue); its
-        live record goes, so the credit guard counts it at its final price, no longer as a running call."""
-        await self.record_ended_many([(number, call_id, record)])
+    async def record_ended(self, number: str, call_id: str, record: str, price_micro: int) -> None:
+        """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue). Its
+        slot is freed and its price held instead (park.lua); its live record goes, so the credit guard counts
+        it at its final price, no longer as a running call."""
+        await self.record_ended_many([(number, call_id, record, price_micro)])
 
-    async def record_ended_many(self, calls: Sequence[tuple[str, str, str]]) -> None:
-        """record_ended for many (account, call id, record) in one write."""
+    async def record_ended_many(self, calls: Sequence[tuple[str, str, str, int]]) -> None:
+        """record_ended for many (account, call id, record, price): one park.lua per account, one write."""
+        by_account: dict[str, list[str | int]] = {}
+        for number, call_id, record, price in calls:
+            by_account.setdefault(number, []).extend((call_id, record, price))
         commands: list[list[str | int]] = []
-        for number, call_id, record in calls:
-            commands.append(["HSET", ended_key(number), call_id, record])
-            commands.append(["HDEL", record_key(number), call_id])
-        for reply in await self._guard(self.mux.execute_many(commands)):
+        for number, args in by_account.items():
+            keys = settle_keys(number)
+            commands.append(["EVALSHA", self._park.sha, len(keys), *keys, *args])
+        replies: list[Any] = await self._guard(self.mux.execute_many(commands))
+        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
+            # Redis restarted or flushed its scripts. Parking again is harmless (park.lua is idempotent).
+            await self._guard(self.mux.execute("SCRIPT", "LOAD", self._park.source))
+            replies = await self._guard(self.mux.execute_many(commands))
+        for reply in replies:
             if isinstance(reply, hiredis.ReplyError):
                 raise StoreUnavailable(f"Redis refused to keep an ended call: {reply}")
+
+    async def parked(self, number: str) -> dict[str, int]:
+        """Ended calls of an account waiting for their ledger line: call id -> the price held for each."""
+        flat: list[str] = await self._guard(self.mux.execute("HGETALL", parked_key(number)))
+        return {call_id: int(price) for call_id, price in _pairs(flat).items()}
 
     async def settle(
         self, number: str, line_id: int, balance_micro: int, day: str, calls: Sequence[tuple[str, int]]

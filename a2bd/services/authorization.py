@@ -239,7 +239,8 @@ class Authorizer:
             return first
         calls = await self.store.live_calls(number, int(self.clock() * 1000))
         live = len(calls)
-        credit = first.account.available_micro - sum(calls.values())
+        owed = sum((await self.store.parked(number)).values())  # ended, line not yet written (park.lua)
+        credit = first.account.available_micro - sum(calls.values()) - owed
         max_calls = first.account.max_calls
         if max_calls and live >= max_calls:
             outcome = ReserveOutcome.MAXCALLS

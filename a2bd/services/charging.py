@@ -9,8 +9,10 @@ the balance a committed line states (settle.lua), so a crash anywhere leaves Red
 ahead, and the next settle or `a2bd sync` brings it level. A call is written at most once (the ledger's
 unique (call_id, kind) and the batch's fresh-filter), so replays and restarts never bill twice. While
 PostgreSQL is away the batch is retried with backoff and the queue grows (it is visible in the metrics),
-and every waiting call is kept in Redis (`:ended`), so a daemon killed meanwhile loses none: the
-reconciler writes them at the next start.
+and every waiting call is kept in Redis (`:ended`, park.lua), so a daemon killed meanwhile loses none: the
+reconciler writes them at the next start. Keeping a call also frees its slot and holds its whole price in
+place of its first block (`:parked`), so an outage neither refuses the account's next calls as MAXCALLS nor
+lets them spend what the waiting calls cost; the settle after the write lets the price go.
 """
 
 from __future__ import annotations
@@ -216,8 +218,9 @@ class LedgerWriter:
         if not todo:
             return
         try:
-            await self.store.record_ended_many([(r.account, r.call_id, encode_ended(c)) for r, c in todo
-                                                if c is not None])
+            # A call's line debits the account (amount_micro < 0): its price is what stays held.
+            await self.store.record_ended_many([(r.account, r.call_id, encode_ended(c), max(-r.amount_micro, 0))
+                                                for r, c in todo if c is not None])
             if remember:  # not to keep them again at each retry of the outage
                 self._kept.update(rated.call_id for rated, _ in todo)
         except StoreUnavailable as exc:

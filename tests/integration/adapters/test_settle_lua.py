@@ -1,6 +1,7 @@
 """The scripts that move Redis after the ledger (settle, rebase, provider_settle) and keep live calls'
-records (reserve, update_call, release), against the real Redis: double and out-of-order settles, a missing
-account, an expired reservation, a negative balance, the daily limit across midnight."""
+records (reserve, update_call, release) and ended ones (park), against the real Redis: double and
+out-of-order settles, a missing account, an expired reservation, a negative balance, the daily limit across
+midnight, calls parked while PostgreSQL is away."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from a2bd.adapters.redis_store import (
     calls_key,
     ended_key,
     expiry_key,
+    parked_key,
     provider_key,
     record_key,
     utc_day,
@@ -28,10 +30,10 @@ NUMBER = "7320000001"  # apart from other tests' accounts: Redis db 15 is shared
 
 
 async def put_account(store: RedisStore, *, balance: int = 10_000_000, credit_limit: int = 0, last_line_id: int = 1,
-                      daily_limit_s: int = 0, today_s: int = 0, now_ms: int = NOW) -> None:
+                      daily_limit_s: int = 0, today_s: int = 0, now_ms: int = NOW, max_calls: int = 0) -> None:
     await store.put_accounts([{
         "number": NUMBER, "status": "active", "tariff": "t", "balance_micro": balance,
-        "credit_limit_micro": credit_limit, "max_calls": 0, "expires_at": None, "restrict_mode": "none",
+        "credit_limit_micro": credit_limit, "max_calls": max_calls, "expires_at": None, "restrict_mode": "none",
         "restrict_prefixes": [], "timezone": "UTC", "currency": "EUR", "daily_limit_s": daily_limit_s,
         "last_line_id": last_line_id, "today_s": today_s,
     }], now_s=now_ms / 1000)
@@ -52,6 +54,62 @@ async def reserve(store: RedisStore, call_id: str, hold: int = 100_000, *, expir
     r = await store.reserve(NUMBER, call_id, hold, now_ms, expires_ms, record=record)
     assert r is not None
     return r.outcome
+
+
+# -- park.lua: ended calls whose ledger line waits (PostgreSQL away) ------------------------------------------
+
+
+async def test_a_parked_call_frees_its_slot_and_holds_its_price_until_its_line_is_settled(store: RedisStore) -> None:
+    await put_account(store, balance=1_000_000, max_calls=1)
+    assert await reserve(store, "ast1/1", 100_000, record="{}") is ReserveOutcome.OK
+    assert await reserve(store, "ast1/2", 100_000) is ReserveOutcome.MAXCALLS
+    await store.record_ended(NUMBER, "ast1/1", '{"e":1}', 700_000)  # ended; PostgreSQL is away
+    assert await store.client.hgetall(ended_key(NUMBER)) == {"ast1/1": '{"e":1}'}
+    assert await store.parked(NUMBER) == {"ast1/1": 700_000}
+    assert await store.client.exists(calls_key(NUMBER), expiry_key(NUMBER), record_key(NUMBER)) == 0
+    assert (await acct(store))["held"] == "700000"
+    # Its slot is free for the next call, and the credit left already counts what it cost.
+    assert await reserve(store, "ast1/2", 400_000) is ReserveOutcome.NOFUNDS
+    assert await reserve(store, "ast1/2", 300_000) is ReserveOutcome.OK
+    assert (await acct(store))["held"] == "1000000"
+    # Its line is written: the balance takes the price and the parked price is let go, once.
+    assert await store.settle(NUMBER, 10, 300_000, DAY, [("ast1/1", 42)]) == (1, True)
+    assert await store.settle(NUMBER, 10, 300_000, DAY, [("ast1/1", 0)]) == (0, True)
+    a = await acct(store)
+    assert (a["balance"], a["held"], a["today_s"]) == ("300000", "300000", "42")
+    assert await store.client.exists(ended_key(NUMBER), parked_key(NUMBER)) == 0
+
+
+async def test_parking_twice_or_after_the_settle_holds_nothing_more(store: RedisStore) -> None:
+    await put_account(store, balance=1_000_000)
+    await reserve(store, "ast1/1", 100_000)
+    await store.record_ended_many([(NUMBER, "ast1/1", "{}", 250_000), (NUMBER, "ast1/1", "{}", 250_000)])
+    await store.record_ended(NUMBER, "ast1/1", "{}", 250_000)  # kept again after a restart
+    assert (await acct(store))["held"] == "250000"
+    await store.settle(NUMBER, 10, 750_000, DAY, [("ast1/1", 30)])
+    # A late keep (another daemon's reconciler) after the settle: kept for the reconciler, no price held.
+    await store.record_ended(NUMBER, "ast1/1", "{}", 250_000)
+    assert (await acct(store))["held"] == "0"
+    assert await store.parked(NUMBER) == {}
+    assert await store.client.hexists(ended_key(NUMBER), "ast1/1")
+
+
+async def test_a_call_without_a_slot_is_kept_but_holds_no_price(store: RedisStore) -> None:
+    await put_account(store, balance=1_000_000)
+    await reserve(store, "ast1/old", 100_000, expires_ms=NOW + 1_000)
+    await reserve(store, "ast1/new", 100_000, now_ms=NOW + 1_000)  # purges ast1/old, expired
+    await store.record_ended(NUMBER, "ast1/old", "{}", 600_000)
+    assert (await acct(store))["held"] == "100000"
+    assert await store.client.hexists(ended_key(NUMBER), "ast1/old")
+
+
+async def test_parking_for_a_missing_account_creates_no_partial_hash(store: RedisStore) -> None:
+    await put_account(store)
+    await reserve(store, "ast1/1", 100_000)
+    await store.client.delete(account_key(NUMBER))  # Redis lost the account (sync brings it back whole)
+    await store.record_ended(NUMBER, "ast1/1", "{}", 600_000)
+    assert await store.client.exists(account_key(NUMBER), parked_key(NUMBER)) == 0
+    assert await store.client.hexists(ended_key(NUMBER), "ast1/1")
 
 
 # -- settle.lua ------------------------------------------------------------------------------------------
@@ -100,7 +158,7 @@ async def test_a_settle_of_a_line_older_than_the_loaded_balance_leaves_it(store:
 
 
 async def test_a_settle_for_a_missing_account_creates_no_partial_hash(store: RedisStore) -> None:
-    await store.record_ended(NUMBER, "ast1/1", "{}")
+    await store.record_ended(NUMBER, "ast1/1", "{}", 50_000)
     assert await store.settle(NUMBER, 10, 5, DAY, [("ast1/1", 60)]) == (0, False)
     assert await account_keys(store) == []  # its :ended entry went; nothing was created
 
@@ -266,9 +324,9 @@ async def test_a_refused_reservation_stores_no_record(store: RedisStore) -> None
 async def test_settle_removes_the_record_and_the_ended_entry(store: RedisStore) -> None:
     await put_account(store)
     await reserve(store, "ast1/1", record='{"id":"ast1/1"}')
-    await store.record_ended(NUMBER, "ast1/1", '{"e":1}')
+    await store.record_ended(NUMBER, "ast1/1", '{"e":1}', 50_000)
     await store.settle(NUMBER, 10, 9, DAY, [("ast1/1", 60)])
-    assert await store.client.exists(record_key(NUMBER), ended_key(NUMBER)) == 0
+    assert await store.client.exists(record_key(NUMBER), ended_key(NUMBER), parked_key(NUMBER)) == 0
     assert [s async for s in store.live_state() if s.number == NUMBER] == []
 
 

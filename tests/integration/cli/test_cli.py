@@ -69,6 +69,17 @@ async def test_account_add_show_and_explain(pg: asyncpg.Connection, store: Redis
     assert await a2bd("explain", number, "19005550100") == 3  # refused: exit status says so
     assert "BLOCKED" in capsys.readouterr().out
 
+    # A call that ended while PostgreSQL was away holds its price until its line is written: shown, and
+    # counted by explain as authorization counts it (0.05 left, under the 0.06 first block).
+    now_ms = int(time.time() * 1000)
+    await store.reserve(number, "ast1/1795000000.1", 60_000, now_ms, now_ms + 3_600_000)
+    await store.record_ended(number, "ast1/1795000000.1", "{}", 17_450_000)
+    assert await a2bd("account", "show", number, "--json") == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["live_calls"], shown["ended_calls_waiting"], shown["held_by_ended_calls"]) == (0, 1, "17.45")
+    assert await a2bd("explain", number, "33612345678") == 3
+    assert "NOFUNDS" in capsys.readouterr().out
+
 
 async def test_bad_ratecard_reports_lines_and_imports_nothing(pg: asyncpg.Connection, store: RedisStore,
                                                              tmp_path: Path,

@@ -20,6 +20,7 @@ from a2bd.adapters.redis_store import (
     RedisStore,
     account_key,
     ended_key,
+    parked_key,
     provider_key,
     utc_day,
 )
@@ -132,7 +133,7 @@ async def check_books(pg: asyncpg.Connection, store: RedisStore, openings: dict[
         assert int(hot.get("held", "0")) == 0, number
         if exp.seconds[number]:
             assert (hot["day"], int(hot["today_s"])) == (day, exp.seconds[number]), number
-        assert await store.client.exists(ended_key(number)) == 0, number
+        assert await store.client.exists(ended_key(number), parked_key(number)) == 0, number
     for name in PROVIDERS:
         owed = await pg.fetchval("SELECT balance_micro FROM providers WHERE name = $1", name)
         assert owed == exp.owed[name], name
@@ -353,6 +354,10 @@ async def test_calls_ended_while_postgresql_is_unreachable_are_written_once_it_i
     openings = {ACCOUNTS[0]: 10_000_000, ACCOUNTS[1]: 10_000_000}
     await open_accounts(pg, store, list(openings.values()))
     calls = [ended(f"ast1/{i}", ACCOUNTS[i % 2], 10 + 7 * i) for i in range(30)]
+    now_ms = int(time.time() * 1000)
+    for c in calls:  # each call took a slot and held its first block when it was authorized
+        await store.reserve(c.record.account, c.record.call_id, 10_000, now_ms, now_ms + 3_600_000,
+                            record=encode_record(c.record))
     unavailable = metric("a2bd_ledger_retries_total", {"reason": "unavailable"})
     async with proxied(pg_url) as (proxy, url):
         pool = await postgres.create_pool(url, min_size=1, max_size=2)
@@ -369,14 +374,26 @@ async def test_calls_ended_while_postgresql_is_unreachable_are_written_once_it_i
                 while metric("a2bd_ledger_retries_total", {"reason": "unavailable"}) < unavailable + 3:
                     await asyncio.sleep(0.02)
             await asyncio.sleep(2)  # a few seconds of outage: the backoff reaches its cap
+            # Each ended call is also kept in Redis until written: a daemon killed now would lose none. Its
+            # slot is free for the account's next call, and its whole price is held in place of its first
+            # block, so the credit left for new calls already counts it.
+            waiting = calls[5:10]
+            kept = {n: await store.client.hgetall(ended_key(n)) for n in openings}
+            assert sorted(call_id for texts in kept.values() for call_id in texts) == sorted(
+                c.record.call_id for c in waiting)
+            for number in openings:
+                mine = [c for c in waiting if c.record.account == number]
+                assert await store.parked(number) == {c.record.call_id: price(c) for c in mine}
+                hot = await store.client.hgetall(account_key(number))
+                assert int(hot["held"]) == sum(price(c) for c in mine) + 10_000 * sum(
+                    1 for c in calls[10:] if c.record.account == number)
+            live = {n: await store.live_calls(n, now_ms) for n in openings}
+            assert not any(c.record.call_id in live[c.record.account] for c in waiting)
             for c in calls[10:]:
                 writer.submit(c)
             backlog_while_cut = metric("a2bd_ledger_backlog")
             # Not committed: the batch being retried and the 20 queued behind it.
             assert backlog_while_cut == writer.backlog >= 20
-            # Each ended call is also kept in Redis until written: a daemon killed now would lose none.
-            kept = sum([await store.client.hlen(ended_key(n)) for n in openings])
-            assert kept == 5
             assert await pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 5
             await proxy.restore()
             assert await writer.drain(20)
@@ -434,7 +451,7 @@ async def test_killed_between_commit_and_settle_sync_levels_redis_and_old_settle
     rated = [writer.submit(c) for c in calls]  # not started: only rated here
     # What the killed daemon did: kept the calls in Redis, committed the batch, and died before settling.
     for c in calls:
-        await store.record_ended(number, c.record.call_id, encode_ended(c))
+        await store.record_ended(number, c.record.call_id, encode_ended(c), price(c))
     async with pool.acquire() as conn:
         written = await postgres.write_calls(conn, [to_line(r) for r in rated if r is not None])
     hot = await store.client.hgetall(account_key(number))
@@ -446,7 +463,9 @@ async def test_killed_between_commit_and_settle_sync_levels_redis_and_old_settle
     hot = await store.client.hgetall(account_key(number))
     assert (int(hot["balance"]), int(hot["lid"])) == (pg_balance, max(w.line_id for w in written))
     assert int(hot["today_s"]) == sum(c.duration_s for c in calls)
-    assert len(await store.live_calls(number, now_ms)) == 6  # sync leaves live reservations to the reconciler
+    # Sync leaves the kept calls' parked prices to the reconciler (their slots were freed at the keep).
+    assert await store.parked(number) == {c.record.call_id: price(c) for c in calls}
+    assert await store.live_calls(number, now_ms) == {}
 
     # A settle of an older line arriving late (another daemon's, or the dead one's retried) keeps the newer.
     oldest = min(written, key=lambda w: w.line_id)

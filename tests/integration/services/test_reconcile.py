@@ -110,12 +110,14 @@ async def test_killed_while_postgresql_was_away_the_kept_ended_calls_are_written
     rec = rig.record("1795000000.2", answered_ms=int(time.time() * 1000) - 40_000)
     await rig.reserve(rec)
     ended = EndedCall(rec, int(time.time() * 1000), 40, "ANSWERED")
-    await rig.store.record_ended(ACCOUNT, rec.call_id, encode_ended(ended))  # what the writer kept
+    # What the writer kept, its slot parked at its price.
+    await rig.store.record_ended(ACCOUNT, rec.call_id, encode_ended(ended), cost_micro(SELL, 40))
     report = await rig.reconciler.run_once()
     assert report.written == [rec.call_id]
     assert await rig.writer.drain(10)
     assert await rig.pg.fetchval("SELECT count(*) FROM ledger WHERE call_id = $1", rec.call_id) == 1
     assert await rig.store.client.hlen(ended_key(ACCOUNT)) == 0
+    assert await rig.store.client.hget(account_key(ACCOUNT), "held") == "0"  # the parked price went
     pg_balance, redis_balance = await rig.balances()
     assert pg_balance == redis_balance == 10_000_000 - cost_micro(SELL, 40)
     assert (await rig.reconciler.run_once()).fixes == 0
