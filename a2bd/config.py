@@ -39,11 +39,12 @@ class AgiSettings:
     pin_attempts: int = 3
     # Who else may connect: addresses or networks (CIDR), separated by commas or blanks, e.g.
     # "10.0.0.0/24, 192.0.2.7". 127.0.0.1, ::1 and the [[asterisk]] servers' agi_addresses always may;
-    # a connection from anywhere else is closed before a byte of it is read.
+    # a connection from anywhere else is closed before a byte of it is read. A SIGHUP applies a change.
     allow: str = ""
     # At max_connections, a connection still without its environment after this long is closed to make
     # room for a new one (Asterisk writes the block as soon as it connects). bench/agi_hostile.py: at 0.5 s
     # a flood kept every slot young enough that 102 of 4,000 honest calls were refused; at 0.1 s, 5.
+    # A SIGHUP applies a change.
     shed_after_s: float = 0.1
 
     @property

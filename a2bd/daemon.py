@@ -52,6 +52,7 @@ LIVE_KEYS = frozenset({
     "log.level", "log.json",
     "billing.fail_open_limit_ms",
     "agi.pin_prompt", "agi.pin_timeout_ms", "agi.pin_max_digits", "agi.pin_attempts",
+    "agi.allow", "agi.shed_after_s",  # handed to the FastAGI server (AgiServer.reconfigure)
 })
 
 
@@ -193,6 +194,8 @@ class Daemon:
                 self.authorizer.settings = effective
             if any(key.startswith("log.") for key in live):
                 configure_logging(effective.log.level, effective.log.json)
+            if self.agi is not None and {"agi.allow", "agi.shed_after_s"} & set(live):
+                self.agi.reconfigure(effective.agi)
         log.info("settings reloaded", applied=live)
 
     async def _refresh_catalogs(self) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -196,6 +197,7 @@ class AgiServer:
         # against max_connections any more.
         self._leaving: set[asyncio.Task[None]] = set()
         self._allowed: tuple[Network, ...] = _LOOPBACK
+        self._peer_networks: tuple[Network, ...] = ()  # the `peers`, resolved by start()
         self._peer_ok: dict[str, bool] = {}
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
         self._closing = False
@@ -210,8 +212,8 @@ class AgiServer:
         settings = self._settings
         self._loop = asyncio.get_running_loop()
         self._closing = False
-        self._allowed = await self._allowed_networks()
-        self._peer_ok.clear()
+        self._peer_networks = await self._resolve_peers()
+        self._allow(settings)
         self._server = await asyncio.start_server(
             self._accept,
             settings.host,
@@ -222,8 +224,21 @@ class AgiServer:
             backlog=max(128, settings.max_connections),
         )
 
-    async def _allowed_networks(self) -> tuple[Network, ...]:
-        networks: list[Network] = [*_LOOPBACK, *(ipaddress.ip_network(e) for e in self._settings.allow_entries)]
+    def reconfigure(self, settings: AgiSettings) -> None:
+        """Apply `settings.allow` and `settings.shed_after_s` to the running server (SIGHUP). The rest of
+        `settings` is bound at start and ignored here. Sessions under way go on, whatever their address;
+        the new allow list judges the next connection."""
+        self._settings = dataclasses.replace(self._settings, allow=settings.allow,
+                                             shed_after_s=settings.shed_after_s)
+        self._allow(self._settings)
+
+    def _allow(self, settings: AgiSettings) -> None:
+        networks = [*_LOOPBACK, *(ipaddress.ip_network(e) for e in settings.allow_entries), *self._peer_networks]
+        self._allowed = tuple(dict.fromkeys(networks))
+        self._peer_ok.clear()
+
+    async def _resolve_peers(self) -> tuple[Network, ...]:
+        networks: list[Network] = []
         assert self._loop is not None
         for entry in self._peers:
             try:
@@ -242,7 +257,7 @@ class AgiServer:
                 ) from exc
             networks.extend(ipaddress.ip_network(info[4][0]) for info in infos)
             self._log.info("agi peer resolved", peer=entry, addresses=sorted({str(i[4][0]) for i in infos}))
-        return tuple(dict.fromkeys(networks))
+        return tuple(networks)
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Stop accepting, wait up to `grace_s` seconds for sessions in flight, then cancel the rest."""

@@ -573,6 +573,18 @@ async def test_configured_addresses_are_answered(allow: str, peers: tuple[str, .
     assert rejected("peer") == before + 1
 
 
+async def test_a_reload_changes_who_may_connect_and_keeps_the_asterisk_peers() -> None:
+    queue: Queue = asyncio.Queue()
+    async with serving({"authorize": answering(queue)}, peers=("127.0.0.3",)) as server:
+        assert await session_from(server, "127.0.0.2", environment()) == b""
+        server.reconfigure(replace(SETTINGS, allow="127.0.0.2", port=1))  # SIGHUP; the port is not rebound
+        assert await session_from(server, "127.0.0.2", environment()) == b"".join(ANSWER)
+        server.reconfigure(SETTINGS)
+        assert await session_from(server, "127.0.0.2", environment()) == b""
+        assert await session_from(server, "127.0.0.3", environment()) == b"".join(ANSWER)
+    assert [queue.get_nowait().peer[0] for _ in range(queue.qsize())] == ["127.0.0.2", "127.0.0.3"]
+
+
 async def test_ipv6_loopback_is_allowed() -> None:
     queue: Queue = asyncio.Queue()
     async with serving({"authorize": answering(queue)}, host="::1") as server:

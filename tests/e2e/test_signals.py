@@ -264,7 +264,7 @@ async def test_reload_applies_live_keys_only(pg: asyncpg.Connection, pg_url: str
     edited = dataclasses.replace(
         started,
         billing=dataclasses.replace(started.billing, fail_open_limit_ms=30_000, max_call_s=600),
-        agi=dataclasses.replace(started.agi, pin_attempts=1),
+        agi=dataclasses.replace(started.agi, pin_attempts=1, allow="127.0.0.2", shed_after_s=0.25),
     )
     daemon = Daemon(started, reload_settings=lambda: edited)
     await daemon.start()
@@ -278,7 +278,9 @@ async def test_reload_applies_live_keys_only(pg: asyncpg.Connection, pg_url: str
         assert daemon.settings.billing.max_call_s == started.billing.max_call_s  # the guard's horizon too
         events = {entry["event"]: entry for entry in logs}
         assert events["changed settings take effect at the next restart"]["keys"] == ["billing.max_call_s"]
-        assert sorted(events["settings reloaded"]["applied"]) == ["agi.pin_attempts", "billing.fail_open_limit_ms"]
+        assert sorted(events["settings reloaded"]["applied"]) == [
+            "agi.allow", "agi.pin_attempts", "agi.shed_after_s", "billing.fail_open_limit_ms"]
+        assert daemon.agi is not None and "127.0.0.2/32" in [str(n) for n in daemon.agi.allowed]
         assert events["tariffs refreshed"]["changed"] == []
     finally:
         await daemon.close()
