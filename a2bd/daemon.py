@@ -43,11 +43,12 @@ from a2bd.services.sync import needs_sync, sync_redis
 
 log = structlog.get_logger("a2bd.daemon")
 
-# Settings a SIGHUP applies to the running daemon. Each is read where it is used, per call or per log line
-# (the Authorizer reads agi.pin_* and billing.fail_open_limit_ms from its `settings` at every call), so
-# swapping the value is the whole change. Everything else is bound at start (sockets, pools, AMI clients,
-# the guard's horizon, the scheduler's mailer) or must agree across components (billing.max_call_s is both
-# the Authorizer's cap and the guard's horizon): those wait for a restart.
+# Settings a SIGHUP applies to the running daemon. Most are read where they are used, per call or per log
+# line (the Authorizer reads agi.pin_* and billing.fail_open_limit_ms from its `settings` at every call), so
+# swapping the value is the whole change; agi.allow and agi.shed_after_s are handed to the FastAGI server
+# (AgiServer.reconfigure), and log.* to configure_logging. Everything else is bound at start (sockets,
+# pools, AMI clients, the guard's horizon, the scheduler's mailer) or must agree across components
+# (billing.max_call_s is both the Authorizer's cap and the guard's horizon): those wait for a restart.
 LIVE_KEYS = frozenset({
     "log.level", "log.json",
     "billing.fail_open_limit_ms",

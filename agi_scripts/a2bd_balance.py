@@ -7,7 +7,8 @@ beside this file.
 
 The account is found as a2bd finds it for a call: the channel's accountcode (`agi_accountcode`) when
 set, else the caller ID (`agi_callerid`) through the caller-ID index. Its available credit is the
-balance plus the credit limit (AccountView.available_micro), in integer micro-units; it is voiced as
+balance plus the credit limit (AccountView.available_micro), less the prices of calls that ended while
+PostgreSQL was away and are not yet in the balance (`:parked`), in integer micro-units; it is voiced as
 whole units then cents, both truncated toward zero (12.345678 EUR is "12 euros 34 cents", -0.999999 is
 "you owe 0 euros 99 cents"), so the caller never hears more credit, or more debt, than there is.
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -41,7 +42,7 @@ from asterisk.agi import AGI, AGIAppError, AGIError, AGIHangup
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from a2bd.adapters.redis_store import account_key, callerid_key
+from a2bd.adapters.redis_store import account_key, callerid_key, parked_key
 from a2bd.contract import Status
 from a2bd.domain.money import MICRO
 
@@ -87,7 +88,7 @@ class BalanceUnavailable(Exception):
 @dataclass(frozen=True, slots=True)
 class Balance:
     number: str
-    available_micro: int  # balance + credit limit
+    available_micro: int  # balance + credit limit - prices of ended calls not yet in the balance
     currency: str
 
 
@@ -99,15 +100,22 @@ def _account_number(value: str | None) -> str | None:
     return value if value and value.isascii() and value.isdigit() else None
 
 
-def balance_from_hash(number: str, data: Mapping[str, str]) -> Balance:
-    """The available credit in an account hash (fields as account_to_hash writes them)."""
+def balance_from_hash(number: str, data: Mapping[str, str], parked: Sequence[str] = ()) -> Balance:
+    """The available credit in an account hash (fields as account_to_hash writes them), less the `parked`
+    prices (park.lua: ended calls whose ledger line waits)."""
     fields = {}
     for name in ("balance", "credit_limit"):
         text = data.get(name)
         if text is None or not _MICRO.fullmatch(text):
             raise BalanceUnavailable(f"account {number}: field {name} is {text!r}, not integer micro-units")
         fields[name] = int(text)
-    return Balance(number, fields["balance"] + fields["credit_limit"], data.get("currency", "").strip().upper())
+    owed = 0
+    for text in parked:
+        if not _MICRO.fullmatch(text):
+            raise BalanceUnavailable(f"account {number}: a parked price is {text!r}, not integer micro-units")
+        owed += int(text)
+    return Balance(number, fields["balance"] + fields["credit_limit"] - owed,
+                   data.get("currency", "").strip().upper())
 
 
 def find_balance(client: Any, accountcode: str, callerid: str) -> Balance | None:
@@ -123,7 +131,7 @@ def find_balance(client: Any, accountcode: str, callerid: str) -> Balance | None
     if number is None:
         return None
     data = client.hgetall(account_key(number))
-    return balance_from_hash(number, data) if data else None
+    return balance_from_hash(number, data, client.hvals(parked_key(number))) if data else None
 
 
 def read_balance(redis_url: str, accountcode: str, callerid: str) -> Balance | None:

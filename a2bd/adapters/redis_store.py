@@ -262,9 +262,10 @@ class RedisStore:
         return record
 
     async def record_ended(self, number: str, call_id: str, record: str, price_micro: int) -> None:
-        """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue). Its
-        slot is freed and its price held instead (park.lua); its live record goes, so the credit guard counts
-        it at its final price, no longer as a running call."""
+        """Keep an ended call in Redis until its ledger line is written (crash safety of the write queue). If
+        it still holds a slot of an account Redis has, the slot is freed and its price held instead
+        (park.lua); its live record goes, so the credit guard counts it at its final price, no longer as a
+        running call."""
         await self.record_ended_many([(number, call_id, record, price_micro)])
 
     async def record_ended_many(self, calls: Sequence[tuple[str, str, str, int]]) -> None:

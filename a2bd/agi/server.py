@@ -213,7 +213,8 @@ class AgiServer:
         self._loop = asyncio.get_running_loop()
         self._closing = False
         self._peer_networks = await self._resolve_peers()
-        self._allow(settings)
+        self._allowed = self._networks(self._settings)  # as they are now: a reconfigure() may have come
+        self._peer_ok.clear()
         self._server = await asyncio.start_server(
             self._accept,
             settings.host,
@@ -228,14 +229,18 @@ class AgiServer:
         """Apply `settings.allow` and `settings.shed_after_s` to the running server (SIGHUP). The rest of
         `settings` is bound at start and ignored here. Sessions under way go on, whatever their address;
         the new allow list judges the next connection."""
-        self._settings = dataclasses.replace(self._settings, allow=settings.allow,
-                                             shed_after_s=settings.shed_after_s)
-        self._allow(self._settings)
-
-    def _allow(self, settings: AgiSettings) -> None:
-        networks = [*_LOOPBACK, *(ipaddress.ip_network(e) for e in settings.allow_entries), *self._peer_networks]
-        self._allowed = tuple(dict.fromkeys(networks))
+        new = dataclasses.replace(self._settings, allow=settings.allow, shed_after_s=settings.shed_after_s)
+        allowed = self._networks(new)  # raises on a bad entry before anything changes
+        self._settings, self._allowed = new, allowed
         self._peer_ok.clear()
+
+    @property
+    def shed_after_s(self) -> float:
+        return self._settings.shed_after_s
+
+    def _networks(self, settings: AgiSettings) -> tuple[Network, ...]:
+        networks = [*_LOOPBACK, *(ipaddress.ip_network(e) for e in settings.allow_entries), *self._peer_networks]
+        return tuple(dict.fromkeys(networks))
 
     async def _resolve_peers(self) -> tuple[Network, ...]:
         networks: list[Network] = []

@@ -209,10 +209,11 @@ class LedgerWriter:
             log.exception("settling a written batch in Redis failed", lines=len(written))
 
     async def _keep(self, items: Sequence[tuple[RatedCall, EndedCall | None]], *, remember: bool = True) -> None:
-        """Put ended calls in Redis while PostgreSQL is away: a daemon killed meanwhile loses none (the
-        reconciler writes them at the next start). Best effort: without Redis they are still in memory.
-        Only during an outage: when the ledger answers, a call is committed a few milliseconds after it
-        ends and keeping it first would double the Redis work of every call."""
+        """Put ended calls in Redis while PostgreSQL is away (or refuses them, or a batch fails): a daemon
+        killed meanwhile loses none (the reconciler writes them at the next start), their slots are freed
+        and their prices held (park.lua). Best effort: without Redis they are still in memory. Only then:
+        when the ledger answers, a call is committed a few milliseconds after it ends and keeping it first
+        would double the Redis work of every call."""
         todo = [(rated, call) for rated, call in items
                 if call is not None and not (remember and rated.call_id in self._kept)]
         if not todo:

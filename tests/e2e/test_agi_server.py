@@ -577,12 +577,17 @@ async def test_a_reload_changes_who_may_connect_and_keeps_the_asterisk_peers() -
     queue: Queue = asyncio.Queue()
     async with serving({"authorize": answering(queue)}, peers=("127.0.0.3",)) as server:
         assert await session_from(server, "127.0.0.2", environment()) == b""
-        server.reconfigure(replace(SETTINGS, allow="127.0.0.2", port=1))  # SIGHUP; the port is not rebound
+        server.reconfigure(replace(SETTINGS, allow="127.0.0.2", port=1, shed_after_s=0.3))  # port: not rebound
+        assert server.shed_after_s == 0.3 and server.port != 1
+        assert await session_from(server, "127.0.0.2", environment()) == b"".join(ANSWER)
+        with pytest.raises(ValueError):  # a list that does not parse changes nothing
+            server.reconfigure(replace(SETTINGS, allow="127.0.0.300"))
+        assert server.shed_after_s == 0.3
         assert await session_from(server, "127.0.0.2", environment()) == b"".join(ANSWER)
         server.reconfigure(SETTINGS)
         assert await session_from(server, "127.0.0.2", environment()) == b""
         assert await session_from(server, "127.0.0.3", environment()) == b"".join(ANSWER)
-    assert [queue.get_nowait().peer[0] for _ in range(queue.qsize())] == ["127.0.0.2", "127.0.0.3"]
+    assert [queue.get_nowait().peer[0] for _ in range(queue.qsize())] == ["127.0.0.2", "127.0.0.2", "127.0.0.3"]
 
 
 async def test_ipv6_loopback_is_allowed() -> None:

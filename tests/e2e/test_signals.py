@@ -281,6 +281,7 @@ async def test_reload_applies_live_keys_only(pg: asyncpg.Connection, pg_url: str
         assert sorted(events["settings reloaded"]["applied"]) == [
             "agi.allow", "agi.pin_attempts", "agi.shed_after_s", "billing.fail_open_limit_ms"]
         assert daemon.agi is not None and "127.0.0.2/32" in [str(n) for n in daemon.agi.allowed]
+        assert daemon.agi.shed_after_s == 0.25
         assert events["tariffs refreshed"]["changed"] == []
     finally:
         await daemon.close()

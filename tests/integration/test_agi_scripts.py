@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +174,18 @@ async def test_caller_id_finds_the_account_and_the_credit_limit_counts(store: Re
     assert dialogue.returncode == 0
 
 
+async def test_calls_ended_while_postgresql_was_away_are_not_announced_as_credit(store: RedisStore,
+                                                                                 redis_url: str) -> None:
+    await put_account(store, "1000000005", balance=12_345_678)
+    now_ms = int(time.time() * 1000)
+    await store.reserve("1000000005", "ast1/1795000000.9", 60_000, now_ms, now_ms + 3_600_000)
+    await store.record_ended("1000000005", "ast1/1795000000.9", "{}", 2_000_000)  # its line waits: parked
+    dialogue = await converse(agi_env(accountcode="1000000005"), redis_url)
+    assert dialogue.commands[:2] == ['SET VARIABLE "A2B_BALANCE_MICRO" "10345678"',
+                                     'SET VARIABLE "A2B_BALANCE_STATUS" "OK"']
+    assert dialogue.commands[3:5] == ['SAY NUMBER "10" ""', 'STREAM FILE a2b/euros "" 0']
+
+
 async def test_negative_credit_is_announced_as_owed(store: RedisStore, redis_url: str) -> None:
     # -5.000000 + 2.654322 = -2.345678: owed 2 euros 34 cents (truncated toward zero, as credit is)
     await put_account(store, "1000000004", balance=-5_000_000, credit_limit=2_654_322)
@@ -306,6 +319,11 @@ def test_announcement(micro: int, currency: str, expected: list[tuple[str, str]]
 def test_balance_from_hash_rejects_what_is_not_integer_micro_units(data: dict[str, str]) -> None:
     with pytest.raises(balance_script.BalanceUnavailable):
         balance_script.balance_from_hash("1", data)
+
+
+def test_a_parked_price_that_is_not_integer_micro_units_is_refused() -> None:
+    with pytest.raises(balance_script.BalanceUnavailable, match="parked price"):
+        balance_script.balance_from_hash("1", {"balance": "5", "credit_limit": "0"}, ["1.5"])
 
 
 def test_verbose_text_cannot_break_the_agi_quoting() -> None:

@@ -13,7 +13,9 @@
 -- its line is not yet in the balance. settle.lua frees that price when the line is written.
 -- Only a call that still holds its slot moves its hold. A call without one (released, expired, settled by
 -- another daemon, or kept again after a restart) is only kept: parking twice or after the settle never
--- holds a price that nothing would free. A missing account hash (Redis restarted empty) is not created.
+-- holds a price twice, nor one whose line is already in the balance. A parked price stays until the line
+-- is written, however long that takes (a call PostgreSQL refused waits for `a2bd reconcile`): it is owed.
+-- A missing account hash (Redis restarted empty) is not created, and the slot is left for the settle.
 -- Returns the number of slots freed.
 
 local acct, calls, expiry, meta, ended, parked = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]

@@ -1,7 +1,9 @@
 -- reserve.lua: check the concurrent-call limit and the credit, and register one call, atomically.
 --
 -- KEYS[1]  a2b:{acct:N}          the account hash: balance, credit_limit, max_calls, and `held`, the
---                                sum of the holds of its live calls (kept by this script and release.lua)
+--                                sum of the holds of its live calls and of the prices of its ended calls
+--                                waiting for their ledger line (kept by this script, release.lua,
+--                                park.lua and settle.lua)
 -- KEYS[2]  a2b:{acct:N}:calls    live calls: call id -> hold_micro
 -- KEYS[3]  a2b:{acct:N}:expiry   live calls by expiry: call id scored by Unix ms
 -- KEYS[4]  a2b:{acct:N}:call     live calls: call id -> what rating needs (JSON written by the daemon:
@@ -18,7 +20,7 @@
 -- Returns {outcome, credit_micro, live_calls, daily_left_s}: outcome is OK, MAXCALLS, NOFUNDS, DAILYLIMIT
 -- (the account's billed seconds today reached its daily_limit_s), NOACCOUNT, or STALE when
 -- the account changed since the caller read it (nothing is reserved: read it again and retry);
--- credit_micro is balance + credit limit less the holds of the account's OTHER live calls; daily_left_s
+-- credit_micro is balance + credit limit less `held` but for this call's own hold; daily_left_s
 -- the seconds left today under the daily limit, -1 when the account has none.
 -- Cost: O(log n) in the account's live calls, plus O(1) per expired reservation purged.
 -- Money fits Lua's doubles exactly up to 2^53 micro-units (9 billion units of currency).

@@ -110,6 +110,27 @@ async def test_parking_for_a_missing_account_creates_no_partial_hash(store: Redi
     await store.record_ended(NUMBER, "ast1/1", "{}", 600_000)
     assert await store.client.exists(account_key(NUMBER), parked_key(NUMBER)) == 0
     assert await store.client.hexists(ended_key(NUMBER), "ast1/1")
+    assert await store.client.hexists(calls_key(NUMBER), "ast1/1")  # the slot waits for the settle
+
+
+async def test_a_parked_price_outlives_expiry_purges_and_releases(store: RedisStore) -> None:
+    await put_account(store, balance=1_000_000)
+    await reserve(store, "ast1/1", 100_000, expires_ms=NOW + 1_000)
+    await store.record_ended(NUMBER, "ast1/1", "{}", 400_000)
+    # Past the reservation's expiry a reserve purges expired slots: the parked price is not one of them.
+    assert await reserve(store, "ast1/2", 700_000, now_ms=NOW + 5_000) is ReserveOutcome.NOFUNDS
+    assert await store.release(NUMBER, "ast1/1") is False  # not a live call any more
+    assert (await acct(store))["held"] == "400000"
+    assert await store.parked(NUMBER) == {"ast1/1": 400_000}
+
+
+async def test_parking_after_redis_forgot_its_scripts_loads_them_again(store: RedisStore) -> None:
+    await put_account(store, balance=1_000_000)
+    await reserve(store, "ast1/1", 100_000)
+    await store.client.script_flush()  # Redis restarted or SCRIPT FLUSH
+    await store.record_ended(NUMBER, "ast1/1", "{}", 250_000)
+    assert (await acct(store))["held"] == "250000"
+    assert await store.parked(NUMBER) == {"ast1/1": 250_000}
 
 
 # -- settle.lua ------------------------------------------------------------------------------------------

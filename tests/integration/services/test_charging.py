@@ -465,6 +465,7 @@ async def test_killed_between_commit_and_settle_sync_levels_redis_and_old_settle
     assert int(hot["today_s"]) == sum(c.duration_s for c in calls)
     # Sync leaves the kept calls' parked prices to the reconciler (their slots were freed at the keep).
     assert await store.parked(number) == {c.record.call_id: price(c) for c in calls}
+    assert int(hot["held"]) == sum(price(c) for c in calls)  # held until the reconciler settles them
     assert await store.live_calls(number, now_ms) == {}
 
     # A settle of an older line arriving late (another daemon's, or the dead one's retried) keeps the newer.
