@@ -19,6 +19,25 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus' histogram_quantile (q in 0..1) over cumulative bucket counts {upper bound: count}, +Inf
+    included: linear within the bucket the rank falls in; the highest finite bound if it falls in +Inf. NaN
+    when the histogram is empty."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+    if not total:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
+
+
 def free_port() -> int:
     """A TCP port on loopback nobody listens on now (the OS's choice)."""
     with socket.socket() as sock:

@@ -52,7 +52,7 @@ from a2bd.errors import InputError
 from a2bd.sim.ami import CallResult, CallSpec, SimAsterisk, manager_event_names
 from a2bd.sim.cdr import CdrTable, create_table
 from a2bd.sim.faults import Fault, Injection, RedisServer, fault_report, inject
-from a2bd.sim.measure import free_port, percentile, proc_cpu_s, proc_rss_mib
+from a2bd.sim.measure import free_port, histogram_quantile, percentile, proc_cpu_s, proc_rss_mib
 from a2bd.sim.proxy import TcpProxy, proxied
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "sample_tariff.csv"
@@ -288,6 +288,14 @@ class StormReport:
     scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the daemon's /metrics, 1/s
     fault: dict[str, Any] | None = None  # a2bd.sim.faults.fault_report, when a fault was injected
 
+    def daemon_quantile_ms(self, q: float) -> float | None:
+        """histogram_quantile(q) of a2bd_authorize_seconds in the last scrape of the daemon's /metrics (one
+        daemon: the last started), or None without a scrape."""
+        if not self.scrapes:
+            return None
+        value = histogram_quantile(q, authorize_buckets(self.scrapes[-1][1]))
+        return None if math.isnan(value) else _ms(value)
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.result.authorize_s for o in self.outcomes if o.result.authorize_s is not None)
         span = max(max((o.started_at for o in self.outcomes), default=self.started) - self.started, 1e-9)
@@ -298,6 +306,9 @@ class StormReport:
             "authorize_p50_ms": _ms(percentile(lat, 50) if lat else None),
             "authorize_p99_ms": _ms(percentile(lat, 99) if lat else None),
             "authorize_max_ms": _ms(lat[-1] if lat else None),
+            # The daemon's own view (environment in to answer out, its histogram on /metrics): what the
+            # simulator's figures add on top is connecting, the kernel and the simulator's own turns.
+            "daemon_authorize_p99_ms": self.daemon_quantile_ms(0.99),
             "answered": sum(o.result.disposition == "ANSWERED" for o in self.outcomes),
             "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
             "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
@@ -311,6 +322,15 @@ class StormReport:
             "verdict": "OK" if self.verdict.ok else "WRONG",
             **({"fault": self.fault} if self.fault is not None else {}),
         }
+
+
+def authorize_buckets(sample: dict[str, float], since: dict[str, float] | None = None) -> dict[float, float]:
+    """The daemon's a2bd_authorize_seconds buckets in one scrape ({upper bound: cumulative count}), less
+    those of an earlier scrape `since` if given."""
+    prefix = "a2bd_authorize_seconds_bucket{le="
+    before = since or {}
+    return {float(key[len(prefix):-1]): value - before.get(key, 0.0) for key, value in sample.items()
+            if key.startswith(prefix)}
 
 
 def _ms(value: float | None) -> float | None:
@@ -710,14 +730,7 @@ def plot_dashboard(report: StormReport, path: Path) -> None:
                 for (ta, a), (tb, b) in itertools.pairwise(scrapes)]
 
     def quantile(q: float) -> list[float]:
-        out = []
-        for (_, a), (_, b) in itertools.pairwise(scrapes):
-            buckets = sorted((float(k.split("le=")[1].split(",")[0].rstrip("}")) if "+Inf" not in k else math.inf,
-                              b[k] - a.get(k, 0.0)) for k in b if k.startswith("a2bd_authorize_seconds_bucket{"))
-            count = buckets[-1][1] if buckets else 0
-            bound = next((le for le, n in buckets if count and n >= q * count), math.nan)
-            out.append(bound * 1000 if math.isfinite(bound) else math.nan)
-        return out
+        return [histogram_quantile(q, authorize_buckets(b, a)) * 1000 for (_, a), (_, b) in itertools.pairwise(scrapes)]
 
     statuses = sorted({k.split("status=")[1].rstrip("}") for _, s in scrapes for k in s
                        if k.startswith("a2bd_authorizations_total{")})
