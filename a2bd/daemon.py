@@ -35,7 +35,7 @@ from a2bd.api.health import daemon_health
 from a2bd.api.metrics import start_metrics_server
 from a2bd.config import Settings
 from a2bd.errors import ConfigError
-from a2bd.observability import configure_logging
+from a2bd.observability import LOOP_LAG_SECONDS, configure_logging
 from a2bd.services.authorization import Authorizer
 from a2bd.services.catalog import ProviderCatalog, TariffCatalog
 from a2bd.services.lifecycle import CallLifecycle
@@ -121,6 +121,7 @@ class Daemon:
             self._spawn(BillingScheduler(self.pool, self.store, s).run(self.stop), "billing-scheduler")
         self._spawn(tariffs.follow(self.stop), "tariff-follower")
         self._spawn(self._watch_redis(), "redis-watch")
+        self._spawn(measure_loop_lag(), "loop-lag")
         self._spawn(providers.follow(self.stop), "provider-follower")
         # Besides loopback and agi.allow, FastAGI is taken only from the [[asterisk]] servers' addresses.
         self.agi = AgiServer(s.agi, {"authorize": self.authorizer.handle}, peers=tuple(s.server_for_agi_peer()))
@@ -325,6 +326,16 @@ def with_keys(base: Settings, new: Settings, keys: list[str]) -> Settings:
         result = dataclasses.replace(result, **{section: dataclasses.replace(getattr(result, section),
                                                                              **{name: value})})
     return result.validate()
+
+
+async def measure_loop_lag(every_s: float = 0.1) -> None:
+    """Observe how late the loop wakes a sleep of `every_s` (a2bd_loop_lag_seconds), for ever: a busy loop
+    (CPU saturated, a long callback, a GC pause) delays every call's work by as much."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + every_s
+        await asyncio.sleep(every_s)
+        LOOP_LAG_SECONDS.observe(max(loop.time() - due, 0.0))
 
 
 def _report_death(task: asyncio.Task[Any]) -> None:

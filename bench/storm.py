@@ -128,7 +128,8 @@ async def baseline(rate: float, seconds: float) -> dict[str, Any]:
 
 def row(label: str, s: dict[str, Any]) -> str:
     return (f"{label:<14} {s['calls']:>6} calls  {s['calls_per_s']:>7}/s  p50 {s['authorize_p50_ms']:>8} ms  "
-            f"p99 {s['authorize_p99_ms']:>8} ms (daemon's own {s.get('daemon_authorize_p99_ms', '-')} ms)  "
+            f"p99 {s['authorize_p99_ms']:>8} ms (daemon's own {s.get('daemon_authorize_p99_ms', '-')} ms, "
+            f"loop lag {s.get('daemon_loop_lag_p99_ms', '-')} ms)  "
             f"daemon {s.get('daemon_cpu_us_per_call', '-'):>5} us/call  "
             f"sim {s.get('simulator_cpu_s', '-')} s  rss {s.get('daemon_peak_rss_mib', '-')} MiB  "
             f"live max {s.get('live_calls_max', '-')}  verdict {s.get('verdict', '-')} "

@@ -288,12 +288,12 @@ class StormReport:
     scrapes: list[tuple[float, dict[str, float]]] = field(default_factory=list)  # the daemon's /metrics, 1/s
     fault: dict[str, Any] | None = None  # a2bd.sim.faults.fault_report, when a fault was injected
 
-    def daemon_quantile_ms(self, q: float) -> float | None:
-        """histogram_quantile(q) of a2bd_authorize_seconds in the last scrape of the daemon's /metrics (one
+    def daemon_quantile_ms(self, q: float, name: str = "a2bd_authorize_seconds") -> float | None:
+        """histogram_quantile(q) of the histogram `name` in the last scrape of the daemon's /metrics (one
         daemon: the last started), or None without a scrape."""
         if not self.scrapes:
             return None
-        value = histogram_quantile(q, authorize_buckets(self.scrapes[-1][1]))
+        value = histogram_quantile(q, histogram_buckets(self.scrapes[-1][1], name=name))
         return None if math.isnan(value) else _ms(value)
 
     def summary(self) -> dict[str, Any]:
@@ -309,6 +309,7 @@ class StormReport:
             # The daemon's own view (environment in to answer out, its histogram on /metrics): what the
             # simulator's figures add on top is connecting, the kernel and the simulator's own turns.
             "daemon_authorize_p99_ms": self.daemon_quantile_ms(0.99),
+            "daemon_loop_lag_p99_ms": self.daemon_quantile_ms(0.99, "a2bd_loop_lag_seconds"),
             "answered": sum(o.result.disposition == "ANSWERED" for o in self.outcomes),
             "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
             "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
@@ -324,10 +325,11 @@ class StormReport:
         }
 
 
-def authorize_buckets(sample: dict[str, float], since: dict[str, float] | None = None) -> dict[float, float]:
-    """The daemon's a2bd_authorize_seconds buckets in one scrape ({upper bound: cumulative count}), less
-    those of an earlier scrape `since` if given."""
-    prefix = "a2bd_authorize_seconds_bucket{le="
+def histogram_buckets(sample: dict[str, float], since: dict[str, float] | None = None,
+                      name: str = "a2bd_authorize_seconds") -> dict[float, float]:
+    """The buckets of the daemon's histogram `name` (unlabelled) in one scrape ({upper bound: cumulative
+    count}), less those of an earlier scrape `since` if given."""
+    prefix = f"{name}_bucket{{le="
     before = since or {}
     return {float(key[len(prefix):-1]): value - before.get(key, 0.0) for key, value in sample.items()
             if key.startswith(prefix)}
@@ -729,8 +731,9 @@ def plot_dashboard(report: StormReport, path: Path) -> None:
         return [max(0.0, (total(b, prefix, label) - total(a, prefix, label)) / max(tb - ta, 1e-9))
                 for (ta, a), (tb, b) in itertools.pairwise(scrapes)]
 
-    def quantile(q: float) -> list[float]:
-        return [histogram_quantile(q, authorize_buckets(b, a)) * 1000 for (_, a), (_, b) in itertools.pairwise(scrapes)]
+    def quantile(q: float, name: str = "a2bd_authorize_seconds") -> list[float]:
+        return [histogram_quantile(q, histogram_buckets(b, a, name)) * 1000
+                for (_, a), (_, b) in itertools.pairwise(scrapes)]
 
     statuses = sorted({k.split("status=")[1].rstrip("}") for _, s in scrapes for k in s
                        if k.startswith("a2bd_authorizations_total{")})
@@ -741,8 +744,9 @@ def plot_dashboard(report: StormReport, path: Path) -> None:
     ax.set_title("Authorizations by status (/s)")
     ax.legend(fontsize=7)
     ax = axes[0][1]
-    ax.plot(times, quantile(0.5), label="p50 (bucket bound)")
-    ax.plot(times, quantile(0.99), label="p99 (bucket bound)", color="#c62828")
+    ax.plot(times, quantile(0.5), label="p50")
+    ax.plot(times, quantile(0.99), label="p99", color="#c62828")
+    ax.plot(times, quantile(0.99, "a2bd_loop_lag_seconds"), label="event loop lag p99", color="#777777")
     ax.set_title("Authorization latency (ms)")
     ax.legend(fontsize=7)
     ax = axes[1][0]

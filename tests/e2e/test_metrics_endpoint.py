@@ -78,6 +78,7 @@ async def test_metrics_exposes_authorizations_by_status(port: int) -> None:
 EXPECTED = {
     "a2bd_authorizations_total": "counter",  # by status
     "a2bd_authorize_seconds": "histogram",
+    "a2bd_loop_lag_seconds": "histogram",
     "a2bd_agi_rejected_total": "counter",  # FastAGI connections shed, by reason
     "a2bd_agi_active_sessions": "gauge",
     "a2bd_live_calls": "gauge",

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from a2bd.sim.measure import histogram_quantile
-from a2bd.sim.storm import authorize_buckets
+from a2bd.sim.storm import histogram_buckets
 
 INF = math.inf
 
@@ -32,5 +32,6 @@ def test_the_daemon_buckets_are_read_from_a_scrape_and_differenced() -> None:
     earlier = {"a2bd_authorize_seconds_bucket{le=0.001}": 5.0, "a2bd_authorize_seconds_bucket{le=+Inf}": 6.0}
     later = {"a2bd_authorize_seconds_bucket{le=0.001}": 15.0, "a2bd_authorize_seconds_bucket{le=+Inf}": 26.0,
              "a2bd_authorize_seconds_count{}": 26.0, "a2bd_live_calls{}": 3.0}
-    assert authorize_buckets(later) == {0.001: 15.0, INF: 26.0}
-    assert authorize_buckets(later, earlier) == {0.001: 10.0, INF: 20.0}
+    assert histogram_buckets(later) == {0.001: 15.0, INF: 26.0}
+    assert histogram_buckets(later, earlier) == {0.001: 10.0, INF: 20.0}
+    assert histogram_buckets(later, name="a2bd_loop_lag_seconds") == {}
