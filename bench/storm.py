@@ -134,6 +134,7 @@ def row(label: str, s: dict[str, Any]) -> str:
             f"sim {s.get('simulator_cpu_s', '-')} s  rss {s.get('daemon_peak_rss_mib', '-')} MiB  "
             f"live max {s.get('live_calls_max', '-')}  verdict {s.get('verdict', '-')} "
             f"({s.get('discrepancies', '-')} discrepancies)  unanswered {s.get('statuses', {}).get('none', 0)}  "
+            f"rejected by the daemon {s.get('agi_rejected') or '-'}  "
             f"{'SUSTAINED' if s.get('sustained') else ''}")
 
 

@@ -296,6 +296,15 @@ class StormReport:
         value = histogram_quantile(q, histogram_buckets(self.scrapes[-1][1], name=name))
         return None if math.isnan(value) else _ms(value)
 
+    def agi_rejected(self) -> dict[str, int]:
+        """FastAGI connections the daemon closed unanswered, by reason (its last /metrics scrape; the reasons
+        it counted at least once): over capacity and shed sessions show here, not as simulator timeouts."""
+        if not self.scrapes:
+            return {}
+        prefix = "a2bd_agi_rejected_total{reason="
+        return {key[len(prefix):-1]: int(value) for key, value in self.scrapes[-1][1].items()
+                if key.startswith(prefix) and value}
+
     def summary(self) -> dict[str, Any]:
         lat = sorted(o.result.authorize_s for o in self.outcomes if o.result.authorize_s is not None)
         span = max(max((o.started_at for o in self.outcomes), default=self.started) - self.started, 1e-9)
@@ -310,6 +319,7 @@ class StormReport:
             # simulator's figures add on top is connecting, the kernel and the simulator's own turns.
             "daemon_authorize_p99_ms": self.daemon_quantile_ms(0.99),
             "daemon_loop_lag_p99_ms": self.daemon_quantile_ms(0.99, "a2bd_loop_lag_seconds"),
+            "agi_rejected": self.agi_rejected(),
             "answered": sum(o.result.disposition == "ANSWERED" for o in self.outcomes),
             "cut_by_guard": sum(o.result.ended_by == "ami_hangup" for o in self.outcomes),
             "cut_by_limit": sum(o.result.ended_by == "limit" for o in self.outcomes),
