@@ -55,6 +55,7 @@ AUTHORIZE_SECONDS = Histogram(
 
 # The event loop itself: how late a timer set for now+0.1 s runs. Every call's work shares this one loop,
 # so its lag is a wait that every authorization (from accept on), AMI event and ledger batch also pays.
+# uvloop's timers count whole milliseconds: a lag under 1 ms is their rounding, not the loop's.
 LOOP_LAG_SECONDS = Histogram(
     "a2bd_loop_lag_seconds", "How late the event loop ran a timer (sampled every 0.1 s)",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=REGISTRY,
