@@ -78,7 +78,8 @@ LEDGER_COMMIT_SECONDS = Histogram(
 LEDGER_BACKLOG = Gauge("a2bd_ledger_backlog", "Rated calls waiting to be written to the ledger", registry=REGISTRY)
 LEDGER_RETRIES = Counter("a2bd_ledger_retries", "Ledger batches retried, by reason (unavailable, race)",
                          ["reason"], registry=REGISTRY)
-LEDGER_REJECTED = Counter("a2bd_ledger_rejected", "Call lines PostgreSQL refused for good (unknown account)",
+LEDGER_REJECTED = Counter("a2bd_ledger_rejected", "Call lines PostgreSQL refused for good (unknown account, or "
+                          "a line it will not take; named in the log, kept in Redis)",
                           registry=REGISTRY)
 GUARD_HANGUPS = Counter("a2bd_guard_hangups", "Calls the credit guard hung up", registry=REGISTRY)
 GUARD_LATENESS_SECONDS = Histogram(

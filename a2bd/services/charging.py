@@ -189,10 +189,8 @@ class LedgerWriter:
             try:
                 written = await self._write(batch)
             except Exception:  # the writer must outlive any one bad batch; logged with its trace
-                log.exception("ledger batch failed; its calls are kept in Redis for the reconciler",
-                              lines=len(batch))
-                await self._keep(batch)
-                written = []
+                log.exception("ledger batch failed; writing its lines one by one", lines=len(batch))
+                written = await self._write_singly(batch)
             for rated, _ in batch:
                 self._pending.discard(rated.call_id)
             LEDGER_BACKLOG.set(len(self._pending))
@@ -201,6 +199,23 @@ class LedgerWriter:
             if self._settling is not None:
                 await self._settling
             self._settling = asyncio.create_task(self._settle_logged(written), name="ledger-settle")
+
+    async def _write_singly(self, batch: Sequence[tuple[RatedCall, EndedCall | None]]) -> list[WrittenLine]:
+        """A batch PostgreSQL refused for a reason other than being away (a line it will not take): write
+        each line alone, so that one bad line holds back only itself. Each line that still fails is named in
+        the log and kept in Redis (:ended) for the reconciler and an operator."""
+        written: list[WrittenLine] = []
+        for item in batch:
+            try:
+                written += await self._write([item])
+            except Exception as exc:
+                rated = item[0]
+                LEDGER_REJECTED.inc()
+                log.error("call not written: PostgreSQL refused its line; kept in Redis for the reconciler",
+                          call=rated.call_id, account=rated.account, amount_micro=rated.amount_micro,
+                          seconds=rated.seconds, error=f"{type(exc).__name__}: {exc}")
+                await self._keep([item])
+        return written
 
     async def _settle_logged(self, written: Sequence[WrittenLine]) -> None:
         try:

@@ -299,7 +299,7 @@ def _utc(value: datetime) -> datetime:
 def _ended_from_cdr(record: CallRecord, row: asyncpg.Record) -> EndedCall:
     end = _utc(row["end"])
     ended_ms = int(end.timestamp() * 1000)
-    duration_s = int(row["billsec"] or 0)
+    duration_s = max(0, int(row["billsec"] or 0))  # a negative billsec (a clock step) bills nothing
     answered_ms = int(_utc(row["answer"]).timestamp() * 1000) if row["answer"] else ended_ms - duration_s * 1000
     if record.answered_ms is None:
         record = record.answered(answered_ms, record.channel, record.provider)

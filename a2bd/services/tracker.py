@@ -47,6 +47,7 @@ log = structlog.get_logger("a2bd.tracker")
 
 _RECENT_S = 600  # a reservation handed over in memory is forgotten after this if its call never dialled
 _DONE_MEMORY = 20_000  # closed calls remembered, so late or replayed events of them are ignored
+MAX_CALL_SECONDS = 7 * 86_400  # no call lasts a week (billing.max_call_s caps it at the Dial's L() limit)
 
 
 class RecentCalls:
@@ -342,11 +343,12 @@ class CallTracker:
         answered_ms = call.answered_ms
         if cdr is not None:
             disposition = cdr.get("Disposition", "")
-            try:
-                duration_s = int(cdr.get("BillableSeconds", "0"))
-            except ValueError:
+            text = cdr.get("BillableSeconds", "0")
+            if text.isascii() and text.isdigit() and int(text) <= MAX_CALL_SECONDS:
+                duration_s = int(text)
+            else:  # not Asterisk's non-negative whole seconds, or longer than any call (a garbled event)
                 log.error("Cdr with a malformed BillableSeconds; billed from the events", **self._about(call),
-                          value=cdr.get("BillableSeconds"))
+                          value=text)
                 duration_s = max(0, (ended_ms - answered_ms) // 1000) if answered_ms is not None else 0
             if call.pre_answered and answered_ms is not None:
                 duration_s = max(0, (ended_ms - answered_ms) // 1000)

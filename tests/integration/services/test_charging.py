@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import (
@@ -217,6 +218,28 @@ async def test_a_call_of_an_account_unknown_to_postgresql_is_rejected_not_lost(
     assert list(writer.rejected) == ["ast1/ghost"]
     assert await store.client.hexists(ended_key("7319999999"), "ast1/ghost")  # kept for the reconciler
     assert await pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'call'") == 1
+
+
+async def test_one_line_postgresql_will_not_take_holds_back_only_itself(
+    pg: asyncpg.Connection, store: RedisStore, writer: LedgerWriter
+) -> None:
+    openings = {ACCOUNTS[0]: 5_000_000}
+    await open_accounts(pg, store, [5_000_000, 5_000_000])
+    rejected = metric("a2bd_ledger_rejected_total")
+    good = [ended(f"ast1/{i}", duration_s=20 + i) for i in range(5)]
+    # A garbled Cdr on another account: more seconds than PostgreSQL's integer holds.
+    bad = ended("ast1/garbled", ACCOUNTS[1], duration_s=3_000_000_000)
+    with capture_logs() as logs:
+        for c in [*good[:2], bad, *good[2:]]:
+            writer.submit(c)
+        assert await writer.drain(10)
+    assert writer.written == 5
+    await check_books(pg, store, openings, expected(good))
+    assert await pg.fetchval("SELECT count(*) FROM ledger WHERE call_id = 'ast1/garbled'") == 0
+    assert metric("a2bd_ledger_rejected_total") == rejected + 1
+    (named,) = [e for e in logs if e["event"].startswith("call not written: PostgreSQL refused its line")]
+    assert named["call"] == "ast1/garbled" and named["seconds"] == 3_000_000_000
+    assert await store.client.hexists(ended_key(ACCOUNTS[1]), "ast1/garbled")  # kept, not lost
 
 
 # -- property: any mix of calls, rates, accounts and replays ------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
 from a2bd.adapters.redis_store import RedisStore, calls_key
 from a2bd.ami.protocol import AmiMessage, AmiParser
@@ -215,3 +216,19 @@ async def test_a_calling_card_leg_is_billed_from_the_dial_answer_not_from_its_ow
         stream.append(m)
     ended = await track(store, stream, recent)
     assert [(e.disposition, e.duration_s) for e in ended] == [("ANSWERED", 2)]
+
+
+@pytest.mark.parametrize("billable", ["-1", "4000000000", "abc", "٣", ""])
+async def test_a_garbled_billable_seconds_bills_the_call_from_its_events(store: RedisStore, billable: str) -> None:
+    # Transcript 01's call, its Cdr garbled: negative, past any call's length (PostgreSQL's integer would
+    # refuse it and, before, its whole ledger batch), not digits. The events say 2 s (DialEnd to Hangup).
+    (uniqueid,) = agi_uniqueids("01-answered-callee-hangup.agi.txt")
+    recent = RecentCalls()
+    await reserve(store, uniqueid, recent)
+    stream = [AmiMessage(tuple((k, billable if k == "BillableSeconds" else v) for k, v in m.headers), m.received_at)
+              if m.event == "Cdr" and m.get("UniqueID") == uniqueid else m
+              for m in events("01-answered-callee-hangup.ami-events-call-cdr.txt")]
+    with capture_logs() as logs:
+        ended = await track(store, stream, recent)
+    assert [(e.disposition, e.duration_s) for e in ended] == [("ANSWERED", 2)]
+    assert [e["value"] for e in logs if e["event"].startswith("Cdr with a malformed BillableSeconds")] == [billable]
