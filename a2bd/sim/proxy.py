@@ -18,6 +18,7 @@ class TcpProxy:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.port = 0
+        self.accepted = 0  # connections accepted so far, whatever the mode
         self._server: asyncio.Server | None = None
         self._mode = "forward"
         self._writers: set[asyncio.StreamWriter] = set()
@@ -30,6 +31,7 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         self._writers.add(writer)
         if self._mode == "blackhole":
             with contextlib.suppress(ConnectionError):

@@ -125,6 +125,7 @@ def metric(name: str, labels: dict[str, str] | None = None) -> float:
 
 async def test_an_answered_call_is_billed_once_to_the_account_and_the_carrier(rig: Rig) -> None:
     rated, batches = metric("a2bd_calls_rated_total"), metric("a2bd_ledger_batch_lines_count")
+    answered = metric("a2bd_calls_ended_total", {"disposition": "ANSWERED"})
     assert metric("a2bd_ami_connected", {"server": "pbx1"}) == 1
     result = await rig.sim.call(CallSpec(extension="4930123456", accountcode="1000000001", talk_s=1.2))
     assert (result.status, result.disposition) == ("OK", "ANSWERED")
@@ -144,7 +145,7 @@ async def test_an_answered_call_is_billed_once_to_the_account_and_the_carrier(ri
     assert owed == line["provider_amount_micro"]
     assert metric("a2bd_calls_rated_total") == rated + 1
     assert metric("a2bd_ledger_batch_lines_count") == batches + 1
-    assert metric("a2bd_calls_ended_total", {"disposition": "ANSWERED"}) >= 1
+    assert metric("a2bd_calls_ended_total", {"disposition": "ANSWERED"}) == answered + 1
 
 
 @pytest.mark.parametrize("outcome", ["busy", "noanswer"])

@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from a2bd import daemon as daemon_module
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
 from a2bd.config import (
@@ -297,13 +298,23 @@ async def test_redis_down_fails_closed_and_recovers(pg: asyncpg.Connection, pg_u
         assert status == "OK"
 
 
-async def test_redis_emptied_answers_error_not_noaccount_until_reloaded(daemon: Daemon, store: RedisStore) -> None:
+async def test_redis_emptied_answers_error_not_noaccount_until_reloaded(daemon: Daemon, store: RedisStore,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # Redis restarted empty: every account is missing from it, and "no such account" would be a lie told
     # to the dialplan. The daemon answers ERROR until its watcher has reloaded Redis (within a second or so).
+    # The watcher is held off until the first call has been answered, whatever this machine's speed.
+    noticed = asyncio.Event()
+    real_needs_sync = daemon_module.needs_sync
+
+    async def needs_sync_once_noticed(s: RedisStore) -> bool:
+        return noticed.is_set() and await real_needs_sync(s)
+
+    monkeypatch.setattr(daemon_module, "needs_sync", needs_sync_once_noticed)
     assert (await call(daemon, "33123456789", accountcode="1000000001")).variables["A2B_STATUS"] == "OK"
     await store.client.flushdb()
     first = await call(daemon, "33123456789", accountcode="1000000001")
     assert (first.variables["A2B_STATUS"], first.variables["A2B_HANGUPCAUSE"]) == ("ERROR", "38")
+    noticed.set()
     statuses = [first.variables["A2B_STATUS"]]
     async with asyncio.timeout(15):
         while statuses[-1] != "OK":

@@ -191,12 +191,15 @@ async def test_ready_watchdog_reload_and_stop(serve: Serve, notifications: Notif
     ready = await _ready(serve, notifications)
     assert ready["STATUS"] == f"serving FastAGI on 127.0.0.1:{serve.port}"
 
-    # The watchdog is fed every half of WATCHDOG_USEC (100 ms) while the loop turns: about 10 a second.
-    started, fed = time.monotonic(), 0
-    while time.monotonic() - started < 1.0:
-        message = await notifications.next(timeout_s=1.0)
+    # The watchdog is fed every half of WATCHDOG_USEC (100 ms) while the loop turns (the interval itself:
+    # tests/unit/test_systemd.py). Three feeds in a row, however slowly this machine delivers them.
+    fed = 0
+    for _ in range(50):  # bounded: other messages may come between
+        message = await notifications.next(timeout_s=10.0)
         fed += message == {"WATCHDOG": "1"}
-    assert fed >= 5
+        if fed == 3:
+            break
+    assert fed == 3
 
     before_id, before = await serve.authorize()
     assert before.variables["A2B_STATUS"] == "OK"

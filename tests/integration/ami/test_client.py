@@ -29,6 +29,7 @@ from a2bd.ami import (
     AmiUnavailable,
     AmiValueError,
 )
+from a2bd.ami import client as client_module
 from a2bd.errors import ConfigError
 from a2bd.observability import REGISTRY
 from tests.transcripts import FIXTURES, Capture, load_capture
@@ -631,6 +632,7 @@ async def test_backpressure_delivers_every_event_in_order(ami: FakeAmi, make_cli
     ami.handlers["Flood"] = lambda conn, action: conn.send(ok(action) + flood)
     # A ping that cannot be read while the reader waits on the full queue must not kill the connection.
     client = make_client(ami.port, queue_size=4, ping_interval_s=0.01, ping_timeout_s=0.03)
+    waits = metric("a2bd_ami_backpressure_waits_total", server=client.name)
     await client.start()
     await client.action("Flood")
     conn = ami.conns[0]
@@ -650,7 +652,7 @@ async def test_backpressure_delivers_every_event_in_order(ami: FakeAmi, make_cli
     assert [m["Priority"] for m in received[1:] if isinstance(m, AmiMessage)] == [str(i) for i in range(count)]
     assert client.backpressure_waits > 0 and client.backpressure_s > 0
     assert len(ami.conns) == 1 and client.state == "connected"
-    assert metric("a2bd_ami_backpressure_waits_total", server=client.name) >= client.backpressure_waits
+    assert metric("a2bd_ami_backpressure_waits_total", server=client.name) == waits + client.backpressure_waits
 
 
 async def test_a_consumer_that_raises_does_not_touch_the_connection(ami: FakeAmi, make_client: ClientFactory) -> None:
@@ -785,12 +787,19 @@ async def test_close_wakes_a_waiting_consumer(ami: FakeAmi, make_client: ClientF
         assert await consumer is None
 
 
-async def test_close_does_not_wait_long_for_a_silent_logoff(ami: FakeAmi, make_client: ClientFactory) -> None:
+async def test_close_does_not_wait_long_for_a_silent_logoff(ami: FakeAmi, make_client: ClientFactory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     ami.handlers["Logoff"] = lambda conn, action: None
+    # Only the request timeout can end the wait: the cap on a Logoff's wait is raised past this test's bound.
+    monkeypatch.setattr(client_module, "_LOGOFF_WAIT_S", 3600.0)
     client = make_client(ami.port, request_timeout_s=0.05)
     await client.start()
-    await client.close()
+    conn = await ami.next_conn()
+    assert (await conn.next_action())["Action"] == "Login"
+    async with asyncio.timeout(WAIT_S):  # a hang guard, not a speed check
+        await client.close()
     assert client.state == "closed"
+    assert (await conn.next_action())["Action"] == "Logoff"  # it was sent, and went unanswered
 
 
 async def test_the_secret_is_never_logged(ami: FakeAmi, make_client: ClientFactory) -> None:

@@ -163,12 +163,21 @@ async def test_a_call_being_cut_is_not_sent_a_second_hangup_when_the_account_is_
         for rec in recs:
             guard.answered("pbx1", rec.channel, rec)
         await hangups.wait_for(2, timeout_s=5)
-        # The first call ends; the account is recomputed and is still over, with the second call being cut.
+        assert len(guard.cuts) == 2
+        # The first call ends; the account is recomputed and is still over, with the second call being cut:
+        # the guard fires again for it, and must send nothing (a cut is appended as a hangup is sent).
+        fired = asyncio.Event()
+        fire = guard._fire
+
+        def fire_and_tell(account_: str, due_ms: int) -> None:
+            fire(account_, due_ms)
+            fired.set()
+
+        guard._fire = fire_and_tell  # type: ignore[method-assign,assignment]
         guard.ended(ACCOUNT, recs[0].call_id)
         async with asyncio.timeout(5):
-            while ACCOUNT in guard._dirty or guard._wake.is_set():
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+            await fired.wait()
+        assert len(guard.cuts) == 2
         assert sorted(channel for _, channel, _ in hangups.sent) == sorted(r.channel for r in recs)
     finally:
         await guard.close()

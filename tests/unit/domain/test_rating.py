@@ -262,7 +262,7 @@ PACKAGED = SellRate(rate_per_min_micro=60_000, connect_micro=10_000, initial_blo
 
 
 @pytest.mark.parametrize(("duration", "free", "price", "covered"), [
-    (100, 0, cost_micro(PACKAGED, 100), 0),      # no package: the ordinary price
+    (100, 0, 10_000 + 102_000, 0),               # no package: 30 s + 12 x 6 s billed, plus the connection
     (100, 500, 0, 102),                          # covered whole (billable 102 s): no connection charge either
     (100, 60, 10_000 + 42_000, 60),              # 42 s left to pay, at 1,000 micro/s, plus the connection
     (10, 500, 0, 30),                            # the initial block is what is covered
