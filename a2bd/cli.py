@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
+import io
 import json
 import secrets
 import sys
@@ -16,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
@@ -43,6 +47,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner.run(command(args, settings))
     except A2bdError as exc:
         print(f"a2bd: {exc}", file=sys.stderr)
+        return 1
+    except asyncpg.DataError as exc:
+        # A value its column cannot hold (--max-calls 3000000000: "value out of int32 range"): nothing was
+        # written. Checked before the statement is sent, or refused by PostgreSQL as a whole.
+        print(f"a2bd: a value is out of range: {exc}", file=sys.stderr)
+        return 1
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError) as exc:
+        # The connection went away mid-command: a posting may or may not have been committed.
+        print(f"a2bd: the connection to PostgreSQL was lost ({type(exc).__name__}: {exc}); if this command "
+              "posts or changes something, check whether it did before running it again", file=sys.stderr)
+        return 1
+    except asyncpg.PostgresError as exc:
+        print(f"a2bd: PostgreSQL refused: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -232,12 +249,18 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_tariff_import(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        with args.file.open(encoding="utf-8-sig", newline="") as fh:
-            entries, errors = parse_ratecard(fh, default_provider=args.default_provider)
+        raw = args.file.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read {args.file}: {exc.strerror}") from exc
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InputError(f"{args.file} is not UTF-8 text (byte {exc.start})") from exc
+        at = bom + exc.start  # the codec counts from after the byte order mark
+        line = raw.count(b"\n", 0, at) + 1
+        raise InputError(f"{args.file}:{line}: not UTF-8 text (byte {at} of the file, 0x{raw[at]:02x}); "
+                         "export the rate card as UTF-8") from exc
+    entries, errors = parse_ratecard(io.StringIO(text, newline=""), default_provider=args.default_provider)
     if errors:
         for err in errors[:50]:
             print(f"{args.file}:{err.line}: {err.column}: {err.message}", file=sys.stderr)
@@ -261,7 +284,7 @@ async def cmd_account_add(args: argparse.Namespace, settings: Settings) -> int:
         "currency": args.currency.upper(),
         "timezone": _timezone(args.timezone),
         "invoice_day": args.invoice_day,
-        "vat_rate_ppm": _money(args.vat, field="--vat") // 100,  # percent -> parts per million
+        "vat_rate_ppm": _vat_ppm(args.vat),
         "low_credit_threshold_micro": _money(args.low_credit, field="--low-credit"),
     }
     if args.pin_file:
@@ -338,7 +361,7 @@ async def cmd_account_set(args: argparse.Namespace, settings: Settings) -> int:
     if args.timezone is not None:
         changes["timezone"] = _timezone(args.timezone)
     if args.vat is not None:
-        changes["vat_rate_ppm"] = _money(args.vat, field="--vat") // 100
+        changes["vat_rate_ppm"] = _vat_ppm(args.vat)
     if args.invoices is not None:
         changes["invoices_enabled"] = args.invoices == "on"
     if args.autorefill is not None:
@@ -605,6 +628,15 @@ def _money(text: str, *, field: str) -> int:
         return parse_amount(text, field=field)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def _vat_ppm(text: str) -> int:
+    """A VAT rate in percent ("20", "7.7") as parts per million: at most 4 decimals, 0 to 100, never rounded."""
+    micro = _money(text, field="--vat")  # percent in millionths of a percent; 100 of them make one ppm
+    ppm, rest = divmod(micro, 100)
+    if rest or not 0 <= ppm <= 1_000_000:
+        raise InputError(f"--vat: {text!r} is not a rate of 0 to 100 percent with at most 4 decimals")
+    return ppm
 
 
 def _pin(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import math
 import os
 import re
 import tomllib
@@ -363,6 +364,8 @@ def load_settings(
                 raw = tomllib.load(fh)
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path} does not exist") from exc
+        except OSError as exc:  # a directory, no permission to read it
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         for section, values in raw.items():
@@ -454,13 +457,16 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if typ is int:
-            if isinstance(value, bool) or isinstance(value, float):
+            if isinstance(value, bool | float | list | dict):
                 raise ValueError(value)
             return int(str(value).strip(), 10)
         if typ is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or isinstance(value, list | dict):
                 raise ValueError(value)
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # an infinite timeout would never fail closed
+                raise ValueError(value)
+            return number
         if typ is str:
             if not isinstance(value, str):
                 raise ValueError(value)

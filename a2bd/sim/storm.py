@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import io
 import itertools
 import math
 import os
 import random
+import re
 import secrets
 import signal
 import sys
@@ -44,7 +46,7 @@ import asyncpg
 
 from a2bd.adapters import postgres
 from a2bd.adapters.redis_store import RedisStore
-from a2bd.domain.money import format_amount
+from a2bd.domain.money import ceil_div, format_amount
 from a2bd.domain.ratecard import parse_ratecard
 from a2bd.domain.rating import cost_micro
 from a2bd.domain.tariff import RateEntry, Tariff
@@ -147,29 +149,37 @@ def plan_calls(plan: StormPlan, accounts: Sequence[StormAccount], numbers: Seque
     return out
 
 
+_SECONDS = re.compile(r"[0-9]+(\.[0-9]+)?")  # float() alone would also take "1_0", "inf" and "1e3"
+
+
 def read_calls_csv(path: Path) -> list[PlannedCall]:
     """start_s,account,destination,talk_s[,outcome] with a header; every bad row is reported by line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     calls: list[PlannedCall] = []
     errors: list[str] = []
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"start_s", "account", "destination", "talk_s"} - set(reader.fieldnames or ())
-        if missing:
-            raise InputError(f"{path}: the header lacks {', '.join(sorted(missing))}")
-        for row in reader:
-            line = reader.line_num
-            try:
-                start, talk = float(row["start_s"]), float(row["talk_s"])
-                outcome = (row.get("outcome") or "answer").strip()
-                if not (math.isfinite(start) and math.isfinite(talk)) or start < 0 or talk < 0:
-                    raise ValueError("start_s and talk_s are seconds >= 0")
-                if outcome not in OUTCOMES:
-                    raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
-                if not row["account"].isdigit() or not row["destination"].isdigit():
-                    raise ValueError("account and destination are digits")
-                calls.append(PlannedCall(start, row["account"], row["destination"], talk, outcome))
-            except (ValueError, TypeError, AttributeError) as exc:
-                errors.append(f"line {line}: {exc}")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"start_s", "account", "destination", "talk_s"} - set(reader.fieldnames or ())
+    if missing:
+        raise InputError(f"{path}: the header lacks {', '.join(sorted(missing))}")
+    for row in reader:
+        line = reader.line_num
+        try:
+            if not all(_SECONDS.fullmatch((row[k] or "").strip()) for k in ("start_s", "talk_s")):
+                raise ValueError("start_s and talk_s are seconds >= 0, in plain decimals")
+            start, talk = float(row["start_s"]), float(row["talk_s"])
+            outcome = (row.get("outcome") or "answer").strip()
+            if outcome not in OUTCOMES:
+                raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}")
+            if not row["account"].isdigit() or not row["destination"].isdigit():
+                raise ValueError("account and destination are digits")
+            calls.append(PlannedCall(start, row["account"], row["destination"], talk, outcome))
+        except (ValueError, TypeError, AttributeError) as exc:
+            errors.append(f"line {line}: {exc}")
     if errors:
         raise InputError(f"{path}: {len(errors)} bad row(s): " + "; ".join(errors[:20]))
     return sorted(calls, key=lambda c: c.at_s)
@@ -269,7 +279,7 @@ def _max_increment_micro(entries: Sequence[RateEntry]) -> int:
     for entry in entries:
         sell = entry.sell
         step = max(sell.increment_s, sell.initial_block_s, 1)
-        worst = max(worst, sell.connect_micro + sell.disconnect_micro + math.ceil(step * sell.rate_per_min_micro / 60),
+        worst = max(worst, sell.connect_micro + sell.disconnect_micro + ceil_div(step * sell.rate_per_min_micro, 60),
                     sell.min_cost_micro)
     return worst
 

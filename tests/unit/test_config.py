@@ -45,6 +45,8 @@ def test_secrets_stay_out_of_repr() -> None:
     ({"A2BD_LOG_JSON": "perhaps"}, "log.json: expected bool"),
     ({"A2BD_AGI_NOPE": "1"}, "agi.nope: unknown key"),
     ({"A2BD_BILLING_MAX_CALL_S": "1.5"}, "billing.max_call_s: expected int"),
+    ({"A2BD_REDIS_TIMEOUT_S": "inf"}, "redis.timeout_s: expected float, got 'inf'"),
+    ({"A2BD_AGI_ENV_TIMEOUT_S": "nan"}, "agi.env_timeout_s: expected float, got 'nan'"),
 ])
 def test_bad_values_name_the_key(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -64,6 +66,31 @@ def test_bad_file(tmp_path: Path) -> None:
     wrong.write_text("[nonsense]\nx = 1\n")
     with pytest.raises(ConfigError, match="nonsense: unknown section"):
         load_settings(wrong, {})
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} cannot be read: Is a directory"):
+        load_settings(tmp_path, {})
+
+
+@pytest.mark.parametrize(("toml", "message"), [
+    ("[redis]\ntimeout_s = [1]\n", "redis.timeout_s: expected float, got '[1]'"),
+    ("[agi]\nport = [4573]\n", "agi.port: expected int, got '[4573]'"),
+    ("[agi]\nport = {x = 1}\n", "agi.port: expected int"),
+    ("[redis]\ntimeout_s = inf\n", "redis.timeout_s: expected float, got 'inf'"),
+    ("agi = 1\n", "agi: expected a [agi] table"),
+    ("asterisk = 1\n", "expected [[asterisk]] tables"),
+    ('[[asterisk]]\nname = "pbx1"\nusername = "a2bd"\nsecret = "s"\nagi_addresses = "10.0.0.1"\n',
+     "asterisk[pbx1].agi_addresses: expected a list of addresses"),
+    ('[[asterisk]]\nname = "pbx1"\nusername = "a2bd"\nsecret = "s"\nsecret_file = "/run/s"\n',
+     "asterisk[pbx1].secret: give exactly one of secret"),
+    ('[[asterisk]]\nname = "pbx1"\nusername = "a2bd"\n', "asterisk[pbx1].secret: give exactly one of secret"),
+    ('[[asterisk]]\nname = "pbx1"\nusername = "a2bd"\nsecret = "s"\n'
+     '[[asterisk]]\nname = "pbx1"\nusername = "a2bd"\nsecret = "t"\n', "asterisk: server names must be unique"),
+])
+def test_values_of_the_wrong_shape_in_the_file_name_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "a2bd.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, {})
+    assert message in str(info.value)
 
 
 def test_cli_prints_one_line_and_exits_1_on_bad_settings(monkeypatch: pytest.MonkeyPatch,

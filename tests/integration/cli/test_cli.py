@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from a2bd.adapters.redis_store import RedisStore, account_key
 from a2bd.cli import main
 from a2bd.domain.rating import SellRate, max_duration_s
+from a2bd.services import posting
 
 pytestmark = pytest.mark.integration
 SAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sample_tariff.csv"
@@ -106,6 +108,19 @@ async def test_default_provider_fills_rows_without_one(pg: asyncpg.Connection, s
     assert [r["name"] for r in providers] == ["carrier-b"]
 
 
+async def test_a_rate_card_that_is_not_utf8_names_the_line_and_byte(pg: asyncpg.Connection, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    rows = "".join(f"{33000 + i},France {i},0.0{i % 10}\n" for i in range(20_000))  # past any read chunk
+    card = tmp_path / "latin1.csv"
+    body = ("dialprefix,destination,rateinitial\n" + rows).encode()
+    card.write_bytes(codecs.BOM_UTF8 + body + "44,Royaume-Uni (caf\xe9),0.01\n".encode("latin-1"))
+    assert await a2bd("tariff", "import", str(card), "--tariff", "x") == 1
+    at = len(codecs.BOM_UTF8) + len(body) + len("44,Royaume-Uni (caf")
+    assert capsys.readouterr().err == (f"a2bd: {card}:20002: not UTF-8 text (byte {at} of the file, 0xe9); "
+                                       "export the rate card as UTF-8\n")
+    assert await pg.fetchval("SELECT count(*) FROM tariffs") == 0
+
+
 async def test_import_naming_an_unknown_provider_is_refused(pg: asyncpg.Connection, store: RedisStore,
                                                            tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -125,6 +140,16 @@ async def test_import_naming_an_unknown_provider_is_refused(pg: asyncpg.Connecti
     (["account", "show", "4040404040"], "account 4040404040 does not exist"),
     (["provider", "add", "x", "--dial", "PJSIP/carrier"], "must contain {number}"),
     (["tariff", "import", "/nonexistent.csv", "--tariff", "t"], "cannot read /nonexistent.csv"),
+    (["account", "add", "--tariff", "retail", "--expires", "next tuesday"],
+     "--expires: 'next tuesday' is not an ISO date or date-time"),
+    (["package", "add", "4040404040", "--name", "none", "--minutes", "0"], "at least one free second"),
+    (["package", "add", "4040404040", "--name", "fr", "--minutes", "9", "--prefix", "3x"],
+     "package prefixes are digits: 3x"),
+    (["account", "add", "--tariff", "retail", "--vat", "7.77777"], "--vat: '7.77777' is not a rate of 0 to 100"),
+    (["account", "add", "--tariff", "retail", "--vat", "120"], "--vat: '120' is not a rate of 0 to 100"),
+    (["account", "add", "--tariff", "retail", "--vat", "-1"], "--vat: '-1' is not a rate of 0 to 100"),
+    (["account", "add", "--tariff", "retail", "--max-calls", "3000000000"], "a value is out of range: "),
+    (["account", "add", "--tariff", "retail", "--invoice-day", "40000"], "40000 (value out of int16 range)"),
 ])
 async def test_operator_mistakes_get_one_clear_line(pg: asyncpg.Connection, store: RedisStore,
                                                    capsys: pytest.CaptureFixture[str],
@@ -156,6 +181,26 @@ async def test_sync_rebuilds_redis_from_postgresql(pg: asyncpg.Connection, store
 async def test_migrate_twice(pg: asyncpg.Connection, capsys: pytest.CaptureFixture[str]) -> None:
     assert await a2bd("db", "migrate") == 0
     assert capsys.readouterr().out == "schema is up to date\n"
+
+
+async def test_a_connection_lost_mid_payment_is_one_line_that_says_to_check(
+        pg: asyncpg.Connection, store: RedisStore, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    await setup_tariff(capsys)
+    assert await a2bd("account", "add", "--tariff", "retail", "--number", "5550002", "--balance", "1") == 0
+    capsys.readouterr()
+    real = posting.post_to_account
+
+    async def drop_then_post(conn: asyncpg.Connection, *args: object) -> object:
+        await conn.close()  # the server went away under the command
+        return await real(conn, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(posting, "post_to_account", drop_then_post)
+    assert await a2bd("account", "pay", "5550002", "10") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("a2bd: the connection to PostgreSQL was lost (InterfaceError: ")
+    assert err.endswith("check whether it did before running it again\n") and err.count("\n") == 1
+    assert await pg.fetchval("SELECT count(*) FROM ledger WHERE kind = 'payment'") == 0
 
 
 async def test_unreachable_servers_are_one_line(monkeypatch: pytest.MonkeyPatch,

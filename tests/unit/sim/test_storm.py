@@ -53,14 +53,21 @@ def test_a_csv_of_calls_is_read_and_every_bad_row_reported(tmp_path: Path) -> No
     assert [c.at_s for c in read_calls_csv(good)] == [0.5, 1.5]
     bad = tmp_path / "bad.csv"
     bad.write_text("start_s,account,destination,talk_s,outcome\n-1,3000000000,331,1,answer\n"
-                   "1,300x,331,1,answer\n2,3000000000,331,nan,answer\n3,3000000000,331,1,voicemail\n")
-    with pytest.raises(InputError, match="4 bad row") as err:
+                   "1,300x,331,1,answer\n2,3000000000,331,nan,answer\n3,3000000000,331,1,voicemail\n"
+                   "1_0,3000000000,331,1,answer\n1e3,3000000000,331,1,answer\n")
+    with pytest.raises(InputError, match="6 bad row") as err:
         read_calls_csv(bad)
-    assert all(f"line {n}" in str(err.value) for n in (2, 3, 4, 5))
+    assert all(f"line {n}" in str(err.value) for n in (2, 3, 4, 5, 6, 7))
     headless = tmp_path / "headless.csv"
     headless.write_text("when,who\n1,2\n")
     with pytest.raises(InputError, match="lacks"):
         read_calls_csv(headless)
+    with pytest.raises(InputError, match=r"missing\.csv: cannot read it: No such file or directory"):
+        read_calls_csv(tmp_path / "missing.csv")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("start_s,account,destination,talk_s\n1,3000000000,331,1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin\.csv: not UTF-8 text"):
+        read_calls_csv(latin)
 
 
 def answered(uniqueid: str, account: StormAccount = PREPAID, billable_s: int = 65) -> Outcome:
