@@ -23,7 +23,9 @@
 -- credit_micro is balance + credit limit less `held` but for this call's own hold; daily_left_s
 -- the seconds left today under the daily limit, -1 when the account has none.
 -- Cost: O(log n) in the account's live calls, plus O(1) per expired reservation purged.
--- Money fits Lua's doubles exactly up to 2^53 micro-units (9 billion units of currency).
+-- Money fits Lua's doubles exactly up to 2^53 micro-units (9 billion units of currency). An account whose
+-- balance, credit limit or holds reach that is refused with an error reply (the caller fails closed and
+-- logs it), never answered from an inexact sum.
 -- Reserving an id that is already live answers again from the same state (Asterisk never runs the
 -- AGI twice for one channel, but a retried request must not take a second slot).
 
@@ -48,6 +50,12 @@ if daily_limit > 0 and ARGV[7] ~= '' then
   daily_left = math.max(daily_limit - used, 0)
 end
 local held = tonumber(fields[4]) or 0
+local exact = 9007199254740992  -- 2^53
+for _, value in ipairs({tonumber(fields[1]) or 0, tonumber(fields[2]) or 0, held, tonumber(ARGV[2])}) do
+  if value >= exact or value <= -exact then
+    return redis.error_reply('a2bd: ' .. acct .. ' holds money past 2^53 micro-units, beyond exact Lua numbers')
+  end
+end
 
 local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
 for _, id in ipairs(expired) do

@@ -8,6 +8,7 @@ import pytest
 
 from a2bd.adapters.redis_store import RedisStore, account_key, account_to_hash, calls_key
 from a2bd.domain.authorize import ReserveOutcome
+from a2bd.errors import StoreUnavailable
 
 pytestmark = pytest.mark.integration
 NOW = 1_800_000_000_000
@@ -145,3 +146,17 @@ async def test_a_stale_version_reserves_nothing(store: RedisStore) -> None:
     assert await store.live_calls(number, NOW) == {}
     fresh = await store.reserve(number, "ast1/1", 1, NOW, LATER, "2")
     assert fresh is not None and fresh.outcome is ReserveOutcome.OK
+
+
+@pytest.mark.parametrize(("balance", "credit_limit"), [(2**53, 0), (0, 2**53), (-(2**53), 2**62)])
+async def test_money_past_exact_lua_numbers_is_refused_not_rounded(store: RedisStore, balance: int,
+                                                                   credit_limit: int) -> None:
+    # 2^53 micro-units is 9,007,199,254 units: a double can no longer tell 2^53 from 2^53 + 1.
+    number = await put_account(store, "1000000077", balance=balance, credit_limit=credit_limit)
+    with pytest.raises(StoreUnavailable, match="holds money past 2\\^53 micro-units"):
+        await store.reserve(number, "ast1/big", 1, NOW, LATER)
+    assert await store.client.exists(calls_key(number)) == 0
+    number = await put_account(store, "1000000078", balance=2**53 - 1)  # the last exact value: served
+    reservation = await store.reserve(number, "ast1/ok", 1, NOW, LATER)
+    assert reservation is not None and reservation.outcome is ReserveOutcome.OK
+    assert reservation.credit_micro == 2**53 - 1
