@@ -277,14 +277,7 @@ class RedisStore:
         for number, args in by_account.items():
             keys = settle_keys(number)
             commands.append(["EVALSHA", self._park.sha, len(keys), *keys, *args])
-        replies: list[Any] = await self._guard(self.mux.execute_many(commands))
-        if any(isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT") for r in replies):
-            # Redis restarted or flushed its scripts. Parking again is harmless (park.lua is idempotent).
-            await self._guard(self.mux.execute("SCRIPT", "LOAD", self._park.source))
-            replies = await self._guard(self.mux.execute_many(commands))
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise StoreUnavailable(f"Redis refused to keep an ended call: {reply}")
+        await self._scripts_many(commands, (self._park,), "to keep an ended call")
 
     async def parked(self, number: str) -> dict[str, int]:
         """Ended calls of an account waiting for their ledger line: call id -> the price held for each."""
@@ -328,20 +321,24 @@ class RedisStore:
         for name, line_id, balance, seconds in providers:
             commands.append(["EVALSHA", self._provider_settle.sha, 1, provider_key(name), line_id, balance, day,
                              seconds, "0"])
+        return await self._scripts_many(commands, (self._settle, self._provider_settle), "a settle")
+
+    async def _scripts_many(self, commands: list[list[str | int]], scripts: Sequence[Script], what: str) -> list[Any]:
+        """EVALSHA `commands` of `scripts` in one write. If Redis restarted or flushed its scripts, load them
+        and resend only the commands it refused: one that ran must not run twice (a settle adds the day's
+        seconds). Any other error reply raises StoreUnavailable naming `what`."""
         replies: list[Any] = await self._guard(self.mux.execute_many(commands))
         again = [i for i, r in enumerate(replies)
                  if isinstance(r, hiredis.ReplyError) and str(r).startswith("NOSCRIPT")]
         if again:
-            # Redis restarted or flushed its scripts: load them and resend only what was refused (a settle
-            # that ran must not run twice: it adds the day's seconds).
-            for script in (self._settle, self._provider_settle):
+            for script in scripts:
                 await self._guard(self.mux.execute("SCRIPT", "LOAD", script.source))
             for i, reply in zip(again, await self._guard(self.mux.execute_many([commands[i] for i in again])),
                                 strict=True):
                 replies[i] = reply
         errors = [r for r in replies if isinstance(r, hiredis.ReplyError)]
         if errors:
-            raise StoreUnavailable(f"Redis refused a settle: {errors[0]}")
+            raise StoreUnavailable(f"Redis refused {what}: {errors[0]}")
         return replies
 
     async def settle_provider(self, name: str, line_id: int, balance_micro: int, day: str, seconds: int) -> None:

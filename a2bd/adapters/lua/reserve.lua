@@ -49,12 +49,10 @@ if daily_limit > 0 and ARGV[7] ~= '' then
   end
   daily_left = math.max(daily_limit - used, 0)
 end
-local held = tonumber(fields[4]) or 0
+local balance, limit, held = tonumber(fields[1]), tonumber(fields[2]) or 0, tonumber(fields[4]) or 0
 local exact = 9007199254740992  -- 2^53
-for _, value in ipairs({tonumber(fields[1]) or 0, tonumber(fields[2]) or 0, held, tonumber(ARGV[2])}) do
-  if value >= exact or value <= -exact then
-    return redis.error_reply('a2bd: ' .. acct .. ' holds money past 2^53 micro-units, beyond exact Lua numbers')
-  end
+if math.abs(balance) >= exact or math.abs(limit) >= exact or math.abs(held) >= exact or math.abs(hold) >= exact then
+  return redis.error_reply('a2bd: ' .. acct .. ' holds money past 2^53 micro-units, beyond exact Lua numbers')
 end
 
 local expired = redis.call('ZRANGEBYSCORE', expiry, '-inf', now)
@@ -71,10 +69,10 @@ end
 local live = redis.call('HLEN', calls)
 local own = redis.call('HGET', calls, call_id)
 if own then
-  return {'OK', tonumber(fields[1]) + tonumber(fields[2]) - (held - tonumber(own)), live, daily_left}
+  return {'OK', balance + limit - (held - tonumber(own)), live, daily_left}
 end
 
-local credit = tonumber(fields[1]) + tonumber(fields[2]) - held
+local credit = balance + limit - held
 local max_calls = tonumber(fields[3]) or 0
 if max_calls > 0 and live >= max_calls then
   return {'MAXCALLS', credit, live, daily_left}
