@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, Hashable, MutableMapping
 from typing import Any
 
 import structlog
@@ -181,6 +182,30 @@ _IN_TEXT = re.compile(
     r"(?P<url>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)[^\s/?#]*(?=@)"
     r"|(?P<kv>(?i:\b(?:pin|secret|password|passwd|pwd)\b)\s*[:=]\s*)(?:\"[^\"]*\"|'[^']*'|[^\s,;&]+)"
 )
+
+
+class LogThrottle:
+    """One log line per key (e.g. a reason and an address) every `every_s` seconds, so that a flood of bad
+    requests from one place is one line, then one saying how many were held back; at most `keys` keys are
+    remembered, the oldest forgotten first, so that a scan from many addresses stays bounded."""
+
+    def __init__(self, every_s: float = 10.0, keys: int = 1024, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self.keys, self._clock = every_s, keys, clock
+        self._logged: dict[Hashable, tuple[float, int]] = {}  # key -> (when last logged, held back since)
+
+    def allow(self, key: Hashable) -> int | None:
+        """None: stay quiet (the event is counted as held back). Otherwise log now, saying how many were held
+        back since the last line for this key."""
+        now = self._clock()
+        last = self._logged.get(key)
+        if last is not None and now - last[0] < self.every_s:
+            self._logged[key] = (last[0], last[1] + 1)
+            return None
+        self._logged.pop(key, None)  # re-inserted last: the dict stays ordered by when each key was logged
+        if len(self._logged) >= self.keys:
+            del self._logged[next(iter(self._logged))]
+        self._logged[key] = (now, 0)
+        return last[1] if last is not None else 0
 
 
 def _hide(match: re.Match[str]) -> str:

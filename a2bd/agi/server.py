@@ -40,7 +40,7 @@ from a2bd.agi.protocol import (
 )
 from a2bd.config import AgiSettings
 from a2bd.errors import ConfigError, ProtocolError
-from a2bd.observability import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS
+from a2bd.observability import AGI_ACTIVE, AGI_REJECTED, AGI_SESSIONS, LogThrottle
 
 __all__ = ["AgiServer", "AgiSession", "Handler"]
 
@@ -51,12 +51,6 @@ _CANCEL_WAIT_S = 1.0
 _LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 # How long start() waits for the addresses of an Asterisk server given by name.
 _RESOLVE_TIMEOUT_S = 5.0
-# Rejected connections (a stranger, over capacity, shed, malformed, overrun, too slow...) are what a flood or
-# a scan produces at the rate it connects: they are logged once per reason and address every _LOG_EVERY_S
-# seconds, the next line saying how many were not (`suppressed`); the counter counts them all. At most
-# _LOG_KEYS addresses are remembered (the oldest is forgotten first): a scan from many addresses stays bounded.
-_LOG_EVERY_S = 10.0
-_LOG_KEYS = 1024
 # Verdicts on peer addresses, remembered so that a session pays one dict probe; cleared when this big.
 _PEER_CACHE = 4096
 
@@ -199,7 +193,10 @@ class AgiServer:
         self._allowed: tuple[Network, ...] = _LOOPBACK
         self._peer_networks: tuple[Network, ...] = ()  # the `peers`, resolved by start()
         self._peer_ok: dict[str, bool] = {}
-        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+        # Rejected connections (a stranger, over capacity, shed, malformed, overrun, too slow...) are what a
+        # flood or a scan produces at the rate it connects: logged once per reason and address every 10 s; the
+        # counter counts them all.
+        self._throttle = LogThrottle()
         self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -386,22 +383,13 @@ class AgiServer:
         return True
 
     def _reject(self, reason: str, peer: tuple[str, int], **fields: object) -> None:
-        """Count a rejected connection; log it once per reason and address every _LOG_EVERY_S (a flood of
-        bad connections from one address is one line, then one with how many were `suppressed`)."""
+        """Count a rejected connection; log it once per reason and address every 10 s (a flood of bad
+        connections from one address is one line, then one with how many were `suppressed`)."""
         AGI_REJECTED.labels(reason).inc()
-        key = (reason, peer[0])
-        assert self._loop is not None
-        now = self._loop.time()
-        last = self._logged.get(key)
-        if last is not None and now - last[0] < _LOG_EVERY_S:
-            self._logged[key] = (last[0], last[1] + 1)
-            return
-        self._logged.pop(key, None)  # re-inserted last: the dict stays ordered by when each key was logged
-        if len(self._logged) >= _LOG_KEYS:
-            del self._logged[next(iter(self._logged))]
-        self._logged[key] = (now, 0)
-        self._log.warning("agi connection rejected", reason=reason, peer=_show(peer),
-                          suppressed=last[1] if last is not None else 0, **fields)
+        suppressed = self._throttle.allow((reason, peer[0]))
+        if suppressed is not None:
+            self._log.warning("agi connection rejected", reason=reason, peer=_show(peer), suppressed=suppressed,
+                              **fields)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: tuple[str, int]

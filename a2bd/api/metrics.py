@@ -25,13 +25,12 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import time
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from a2bd.api.health import CachedHealth, HealthCheck
-from a2bd.observability import REGISTRY
+from a2bd.observability import REGISTRY, LogThrottle
 
 __all__ = ["PROTECTED_PATHS", "health_body", "start_metrics_server"]
 
@@ -53,7 +52,7 @@ class _Endpoint:
     def __init__(self, health: CachedHealth | None, token: str) -> None:
         self.health = health
         self._token_digest = hashlib.sha256(token.encode()).digest() if token else None
-        self._refused_logged: dict[str, float] = {}  # address -> when its last refusal was logged
+        self._refused = LogThrottle()  # a guessing flood from one address is one line every 10 s
 
     def _authorized(self, head: bytes) -> bool:
         """Whether the request carries the token: exactly one ``Authorization: Bearer <token>`` header."""
@@ -82,12 +81,10 @@ class _Endpoint:
                 challenge = 'WWW-Authenticate: Bearer realm="a2bd"\r\n'
                 peer = writer.get_extra_info("peername")
                 address = peer[0] if isinstance(peer, tuple) else str(peer)
-                now = time.monotonic()
-                if now - self._refused_logged.get(address, -60.0) >= 10.0:  # a guessing flood is one line
-                    if len(self._refused_logged) >= 1024:
-                        self._refused_logged.clear()
-                    self._refused_logged[address] = now
-                    log.warning("metrics request refused: no valid bearer token", path=path, peer=address)
+                suppressed = self._refused.allow(address)
+                if suppressed is not None:
+                    log.warning("metrics request refused: no valid bearer token", path=path, peer=address,
+                                suppressed=suppressed)
             elif path == "/metrics":
                 status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
             elif path == "/healthz":

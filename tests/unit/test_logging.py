@@ -19,7 +19,7 @@ from a2bd.agi.protocol import AgiReply, parse_environment
 from a2bd.ami.protocol import AmiMessage
 from a2bd.config import AsteriskServer, Settings
 from a2bd.errors import ProtocolError, StoreUnavailable
-from a2bd.observability import REDACTED, configure_logging, redact_secrets
+from a2bd.observability import REDACTED, LogThrottle, configure_logging, redact_secrets
 from a2bd.services.authorization import Authorizer
 from a2bd.services.tracker import CallTracker
 from a2bd.sim.agi import encode_environment, make_environment
@@ -251,3 +251,20 @@ async def test_the_tracker_names_the_call_on_each_line_it_logs_about_one(json_lo
          "logtest/1700000000.42"),
         ("call ended unseen (AMI events lost)", "1700000000.41", "1000000001", "logtest", "logtest/1700000000.41"),
     ]
+
+
+def test_log_throttle_says_one_line_per_key_then_how_many_were_held_back() -> None:
+    now = [100.0]
+    throttle = LogThrottle(every_s=10.0, keys=2, clock=lambda: now[0])
+    assert throttle.allow(("peer", "10.0.0.9")) == 0
+    assert [throttle.allow(("peer", "10.0.0.9")) for _ in range(3)] == [None, None, None]
+    now[0] = 105.0
+    assert throttle.allow(("eof", "10.0.0.9")) == 0  # another reason: its own line
+    assert throttle.allow(("eof", "10.0.0.9")) is None
+    now[0] = 110.0
+    assert throttle.allow(("peer", "10.0.0.9")) == 3  # the next line says how many were held back
+    # Two keys at most: a third forgets the one logged longest ago (eof, at 105), which then counts afresh
+    # although its 10 s are not over.
+    assert throttle.allow("scanner-1") == 0
+    now[0] = 111.0
+    assert throttle.allow(("eof", "10.0.0.9")) == 0
