@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import ipaddress
 import math
 import os
 import re
@@ -62,8 +63,6 @@ class AgiSettings:
         _check(1 <= self.pin_max_digits <= 32, "agi.pin_max_digits", "must be 1..32")
         _check(0 <= self.pin_attempts <= 10, "agi.pin_attempts", "must be 0..10")
         _check(self.shed_after_s > 0, "agi.shed_after_s", "must be > 0")
-        import ipaddress  # here, not at the top: only this section parses addresses
-
         for entry in self.allow_entries:
             try:
                 ipaddress.ip_network(entry)
@@ -242,8 +241,6 @@ class MetricsSettings:
         return token
 
     def _loopback(self) -> bool:
-        import ipaddress  # here, not at the top: only this check parses an address
-
         if self.host == "localhost":
             return True
         try:
@@ -461,7 +458,7 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
                 raise ValueError(value)
             return int(str(value).strip(), 10)
         if typ is float:
-            if isinstance(value, bool) or isinstance(value, list | dict):
+            if isinstance(value, bool | list | dict):
                 raise ValueError(value)
             number = float(value)
             if not math.isfinite(number):  # an infinite timeout would never fail closed

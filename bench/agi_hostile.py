@@ -36,8 +36,6 @@ from _common import BenchLock, bench_urls, calibrate_ms, print_machine
 from a2bd.sim.agi import encode_environment, make_environment
 from a2bd.sim.storm import SideLoad, StormPlan, storm_main
 
-REJECTED = "a2bd_agi_rejected_total"
-
 
 async def _until_closed(reader: asyncio.StreamReader, limit_s: float) -> bool:
     """Wait up to `limit_s` for the daemon to close the connection; True if it did."""
@@ -100,14 +98,6 @@ def hostile(args: argparse.Namespace, connects: dict[str, int]) -> SideLoad:
     return load
 
 
-def rejected(scrapes: list[tuple[float, dict[str, float]]]) -> dict[str, int]:
-    if not scrapes:
-        return {}
-    last = scrapes[-1][1]
-    return {key.split("reason=")[1].rstrip("}"): int(value) for key, value in last.items()
-            if key.startswith(REJECTED) and "reason=" in key and value}
-
-
 async def main(args: argparse.Namespace, urls: tuple[str, str, str]) -> int:
     print(f"   calibration loop {calibrate_ms():.1f} ms")
     os.environ["A2BD_AGI_MAX_CONNECTIONS"] = str(args.cap)  # the daemon's cap, for both storms
@@ -124,7 +114,7 @@ async def main(args: argparse.Namespace, urls: tuple[str, str, str]) -> int:
         print(f"{label:<8} {s['calls']:>6} calls {s['calls_per_s']:>7}/s  p50 {s['authorize_p50_ms']:>7} ms  "
               f"p99 {s['authorize_p99_ms']:>8} ms  max {s['authorize_max_ms']:>8} ms  unanswered {unanswered}  "
               f"daemon {s['daemon_cpu_us_per_call']} us/call  books {s['verdict']} ({s['discrepancies']})  "
-              f"rejected {rejected(report.scrapes)}  hostile connects {connects}", flush=True)
+              f"rejected {s['agi_rejected']}  hostile connects {connects}", flush=True)
     return 0
 
 

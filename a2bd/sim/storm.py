@@ -426,8 +426,9 @@ class _Serve:
     """`a2bd serve` as a child process with its log in a file; the kill fault kills it and starts it again.
     Its CPU is summed over every process it was."""
 
-    def __init__(self, config: Path, env: dict[str, str], log_path: Path, agi_port: int) -> None:
-        self.config, self.env, self.log_path, self.agi_port = config, env, log_path, agi_port
+    def __init__(self, config: Path, env: dict[str, str], log_path: Path, agi_port: int, metrics_port: int) -> None:
+        self.config, self.env, self.log_path = config, env, log_path
+        self.agi_port, self.metrics_port = agi_port, metrics_port
         self.proc: asyncio.subprocess.Process | None = None
         self._cpu_before = 0.0  # CPU of the processes already gone
         self._cpu0 = 0.0  # the current process's CPU when the count began
@@ -510,7 +511,6 @@ async def run_storm(
         tuned = "reconcile_interval_s = 5\nreconcile_cdr_age_s = 2\n" if fault is not None else ""
         env = {**os.environ, "A2BD_PG_URL": daemon_pg, "A2BD_REDIS_URL": daemon_redis}
         serves: list[_Serve] = []
-        metrics_ports: list[int] = []
         for n in range(2 if fault is not None and fault.kind == "twin" else 1):
             agi_port, metrics_port = free_port(), free_port()
             config = tmp / f"a2bd-{n}.toml"
@@ -523,32 +523,34 @@ async def run_storm(
                 f'secret = "{secret}"\n' + (f'cdr_table = "{cdr_table}"\n' if cdr_table else "")
             )
             # The daemon's log goes to a file: a pipe nobody reads fills up and blocks the daemon's writes.
-            serve = _Serve(config, env, tmp / f"a2bd-{n}.log", agi_port)
+            serve = _Serve(config, env, tmp / f"a2bd-{n}.log", agi_port, metrics_port)
             stack.push_async_callback(serve.stop)
             await serve.start()
             serves.append(serve)
-            metrics_ports.append(metrics_port)
         serve = serves[0]
         async with asyncio.timeout(20):
             await sim.wait_logged_in(len(serves))
         sim.agi = ("127.0.0.1", serves[0].agi_port)
         if len(serves) > 1:  # hagi:// with both in the SRV record: the second takes over when the first refuses
             sim.agi_backup = ("127.0.0.1", serves[1].agi_port)
-        injection = Injection(fault) if fault is not None else None
-        steps = _fault_steps(fault, serve, redis_server, proxy, sim) if fault is not None else None
+        injection: Injection | None = None
+        faulting: tuple[Injection, FaultSteps] | None = None
+        if fault is not None:
+            injection = Injection(fault)
+            faulting = (injection, _fault_steps(fault, serve, redis_server, proxy, sim))
         sim_cpu0 = time.process_time()
         for one in serves:
             one.count_cpu_from_now()
         scrapes: list[tuple[float, dict[str, float]]] = []
         # The survivor's metrics in a twin run; else the only daemon's.
-        scraper = asyncio.create_task(_scrape(metrics_ports[-1], scrapes))
+        scraper = asyncio.create_task(_scrape(serves[-1].metrics_port, scrapes))
         rss: list[float] = [0.0]
         watcher = asyncio.create_task(_peak_rss(lambda: serves[-1].pid, rss))  # a twin run: the survivor
         side: asyncio.Task[None] | None = None
         if side_load is not None:
             side = asyncio.create_task(side_load(("127.0.0.1", serves[-1].agi_port)))
         try:
-            outcomes, live, started = await _place(sim, calls, injection, steps)
+            outcomes, live, started = await _place(sim, calls, faulting)
         finally:
             scraper.cancel()
             watcher.cancel()
@@ -562,17 +564,20 @@ async def run_storm(
                "simulator_cpu_s": round(time.process_time() - sim_cpu0, 2),
                "daemon_peak_rss_mib": round(rss[0], 1)}
         log_lines: list[str] = []
-        for n, one in enumerate(serves):
+        for one in serves:
             await one.stop()
-            log_lines += (tmp / f"a2bd-{n}.log").read_text(errors="replace").splitlines()
+            log_lines += one.log_path.read_text(errors="replace").splitlines()
         faults = None
         if injection is not None:
             faults = fault_report(injection, outcomes, scrapes, sim.login_times, verdict.missing, verdict.doubled)
     return StormReport(outcomes, started, live, verdict, log_lines, cpu, scrapes, faults)
 
 
+FaultSteps = tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]  # bring down, bring back
+
+
 def _fault_steps(fault: Fault, serve: _Serve, redis_server: RedisServer | None, proxy: TcpProxy | None,
-                 sim: SimAsterisk) -> tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]:
+                 sim: SimAsterisk) -> FaultSteps:
     """(take the part down, bring it back) for `fault`."""
     if fault.kind == "kill":
         return serve.kill, serve.start
@@ -604,8 +609,8 @@ async def _wait_port(port: int, proc: asyncio.subprocess.Process, log_path: Path
     raise InputError("a2bd serve did not listen within 30 s")
 
 
-async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], injection: Injection | None = None,
-                 steps: tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]] | None = None,
+async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall],
+                 faulting: tuple[Injection, FaultSteps] | None = None,
                  ) -> tuple[list[Outcome], list[tuple[float, int]], float]:
     outcomes: list[Outcome] = []
     live: list[tuple[float, int]] = []
@@ -633,7 +638,8 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], injection: Inje
 
     sampler = asyncio.create_task(sample())
     fault: asyncio.Task[None] | None = None
-    if injection is not None and steps is not None:
+    if faulting is not None:
+        injection, steps = faulting
         fault = asyncio.create_task(inject(injection, *steps, in_flight=lambda: len(tasks), started=start))
     try:
         for planned in calls:
@@ -647,8 +653,8 @@ async def _place(sim: SimAsterisk, calls: Sequence[PlannedCall], injection: Inje
         async with asyncio.timeout(max((c.talk_s for c in calls), default=0) + 120):
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
-        if fault is not None:  # a fault that outlasts the calls is still ended before the books
-            async with asyncio.timeout(injection.fault.at_s + injection.fault.for_s + 60 if injection else 60):
+        if faulting is not None and fault is not None:  # a fault outlasting the calls still ends before the books
+            async with asyncio.timeout(faulting[0].fault.at_s + faulting[0].fault.for_s + 60):
                 await fault
     finally:
         if fault is not None:
