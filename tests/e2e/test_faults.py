@@ -69,9 +69,11 @@ async def test_redis_restarted_empty_fails_closed_then_rebuilds(pg: asyncpg.Conn
                                                                  store: RedisStore, redis_url: str) -> None:
     plan = StormPlan(rate=100, calls=1200, accounts=300, mean_talk_s=3.0, max_talk_s=8.0, seed=62)
     report, row = await storm(pg_url, redis_url, plan, Fault("redis", at_s=4.0, for_s=2.0))
-    # While Redis is down every authorization fails closed, and once it is back empty no account is
-    # reported unknown while the daemon reloads it: ERROR, never NOACCOUNT.
-    assert set(row["statuses_during_fault"]) == {"ERROR"}
+    # While Redis is down (from the moment its process is gone, not from the kill signal) every
+    # authorization fails closed, and once it is back empty no account is reported unknown while the daemon
+    # reloads it: ERROR, never NOACCOUNT.
+    down = {o.result.status for o in report.outcomes if row["down_at"] <= o.started_at < row["restored_at"]}
+    assert down == {"ERROR"}
     assert "NOACCOUNT" not in report.summary()["statuses"]
     # It carries on once it has reloaded Redis from PostgreSQL (its own log says when): every call placed
     # after that is answered from the rebuilt state, none fails closed any more.
@@ -88,7 +90,8 @@ async def test_postgresql_unreachable_for_60_s_authorizations_go_on_and_calls_wa
     plan = StormPlan(rate=30, calls=2400, accounts=300, mean_talk_s=3.0, max_talk_s=8.0, seed=63)
     _, row = await storm(pg_url, redis_url, plan, Fault("postgres", at_s=5.0, for_s=60.0))
     during = row["statuses_during_fault"]
-    assert during.get("OK", 0) > 500 and "ERROR" not in during and AGI_FAILED not in during
+    assert during.get("OK", 0) > row["calls_during_fault"] / 2  # most of the seeded mix, as without a fault
+    assert "ERROR" not in during and AGI_FAILED not in during
     assert row["ledger_backlog_max"] > 100  # the rated calls waited, visible in /metrics
 
 
@@ -99,7 +102,7 @@ async def test_ami_cut_for_30_s_with_live_calls_reconnects_and_settles(
     report, row = await storm(pg_url, redis_url, plan, Fault("ami", at_s=5.0, for_s=30.0))
     # Calls answered before the cut that ended during it: their end was never heard over AMI.
     assert spanning(report, row["injected_at"], row["restored_at"]) > 10
-    assert row["statuses_during_fault"].get("OK", 0) > 300  # FastAGI does not need AMI
+    assert row["statuses_during_fault"].get("OK", 0) > row["calls_during_fault"] / 2  # FastAGI needs no AMI
 
 
 @pytest.mark.timeout(180)
@@ -108,7 +111,8 @@ async def test_one_of_two_daemons_killed_the_other_authorizes_and_guards(
     plan = StormPlan(rate=100, calls=2000, accounts=300, mean_talk_s=3.0, max_talk_s=8.0, seed=65)
     report, row = await storm(pg_url, redis_url, plan, Fault("twin", at_s=4.0, for_s=3.0))
     during = row["statuses_during_fault"]
-    assert during.get("OK", 0) > 150 and "ERROR" not in during
+    # Most calls of the seeded mix are answered OK (the rest are its blocked, expired, poor accounts).
+    assert during.get("OK", 0) > row["calls_during_fault"] / 2 and "ERROR" not in during
     # Only a session under way on the first daemon when it died fails (Asterisk does not retry a session
     # cut mid-way); every call placed once it was dead went to the second.
     failed = [o.started_at for o in report.outcomes if o.result.status is None]

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -41,7 +42,7 @@ async def get(port: int, path: str) -> tuple[str, str]:
     return status, body.decode()
 
 
-async def serve(health: Health | None = None, **options: float) -> AsyncIterator[int]:
+async def serve(health: Health | None = None, **options: Any) -> AsyncIterator[int]:
     server = await start_metrics_server("127.0.0.1", 0, health, **options)
     try:
         yield server.sockets[0].getsockname()[1]

@@ -21,7 +21,8 @@ from a2bd.api.metrics import start_metrics_server
 from a2bd.config import MetricsSettings, load_settings
 from a2bd.errors import ConfigError
 from tests.e2e.test_daemon_authorize import seed
-from tests.e2e.test_serve_process import free_port
+from tests.e2e.test_metrics_endpoint import serve
+from tests.e2e.test_serve_process import free_port, wait_for_port
 
 pytestmark = pytest.mark.e2e
 
@@ -47,12 +48,8 @@ async def failing_redis() -> HealthReport:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    server = await start_metrics_server("127.0.0.1", 0, failing_redis, token=TOKEN)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        await server.wait_closed()
+    async for port in serve(failing_redis, token=TOKEN):
+        yield port
 
 
 @pytest.mark.parametrize("path", ["/metrics", "/healthz"])
@@ -151,17 +148,6 @@ def test_a_weak_or_malformed_token_is_refused_without_repeating_it(bad: str, tmp
 
 
 # -- the daemon as systemd runs it -------------------------------------------------------------------------
-
-
-async def wait_for_port(port: int) -> None:
-    for _ in range(100):  # bounded: start-up loads tariffs and Redis
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port}")
 
 
 @pytest.mark.integration

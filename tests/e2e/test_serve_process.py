@@ -24,6 +24,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+async def wait_for_port(port: int) -> None:
+    for _ in range(100):  # bounded: start-up loads tariffs and Redis
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"nothing listens on {port}")
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 async def test_serve_answers_and_stops_on_sigterm(loop: str, pg: asyncpg.Connection, pg_url: str,
                                                   store: RedisStore, redis_url: str) -> None:
@@ -36,13 +47,7 @@ async def test_serve_answers_and_stops_on_sigterm(loop: str, pg: asyncpg.Connect
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        for _ in range(100):  # bounded wait for the port (start-up loads tariffs and Redis)
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+        await wait_for_port(port)
         environment = make_environment(uniqueid="1795400000.1", channel="PJSIP/phone-00000001",
                                        extension="33123456789", accountcode="1000000001", port=port)
         result = await run_session("127.0.0.1", port, environment, timeout_s=5)

@@ -215,7 +215,8 @@ def check_environment(block: bytes) -> None:
         return
     assert block.endswith(b"\n\n") or block.endswith(b"\n\r\n")
     assert all(key.startswith("agi_") and key.isascii() for key in env.variables)
-    assert "agi_network_script" in env.variables and "agi_uniqueid" in env.variables
+    assert env.script == env.variables["agi_network_script"]
+    assert env.uniqueid == env.variables["agi_uniqueid"]
     assert all(isinstance(arg, str) for arg in env.arguments)
 
 
